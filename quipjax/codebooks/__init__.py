@@ -1,0 +1,45 @@
+"""Codebooks behind one registry: `get(name)` -> a `Codebook` (hashable, jit-static).
+
+| name        | bits/weight | dim | codes                       | opt_scale | default_scale |
+|-------------|-------------|-----|-----------------------------|-----------|---------------|
+| E8P12       | 2           | 8   | uint16, official layout     | 1.03      | 0.9           |
+| E8P12RVQ3B  | 3           | 8   | uint16 (..., 2): E8P, E81B  | 0.98      | 0.98          |
+| E8P12RVQ4B  | 4           | 8   | uint16 (..., 2): E8P, E8P   | 1.03      | 1.03          |
+| E81B        | 1           | 8   | uint16 index 0..255         | 1.0       | 1.0           |
+| HI2/HI3/HI4 | 2/3/4       | 1   | uint8 grid index            | Gaussian-optimal              |
+
+Adding a codebook: write a `Codebook` subclass and add one line to `_REGISTRY`.
+"""
+from __future__ import annotations
+
+from quipjax.codebooks.base import Codebook
+from quipjax.codebooks.e8p import E8P12
+from quipjax.codebooks.rvq import E81B, RVQ, e8p12_rvq3b, e8p12_rvq4b
+from quipjax.codebooks.scalar import HalfIntegerGrid, hi2, hi3, hi4
+
+__all__ = ["Codebook", "E8P12", "E81B", "RVQ", "HalfIntegerGrid", "get", "names"]
+
+_REGISTRY = {
+    "E8P12": E8P12,
+    "E8P12RVQ3B": e8p12_rvq3b,
+    "E8P12RVQ4B": e8p12_rvq4b,
+    "E81B": E81B,
+    "HI2": hi2,
+    "HI3": hi3,
+    "HI4": hi4,
+}
+
+
+def names() -> list:
+    """Registered codebook names."""
+    return list(_REGISTRY)
+
+
+def get(name) -> Codebook:
+    """The codebook registered under `name` (a `Codebook` instance is returned as is)."""
+    if isinstance(name, Codebook):
+        return name
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown codebook {name!r}; available: {', '.join(_REGISTRY)}") from None

@@ -1,0 +1,87 @@
+"""The codebook interface every quantizer in `quipjax.codebooks` implements.
+
+A codebook is a frozen (hashable) dataclass, so it can be passed to `jax.jit` as a static
+argument, like an optax transformation is passed to a training loop. Subclasses implement
+`_quantize_t` (coordinates-first "struct of arrays" layout, the fast path used inside
+BlockLDLQ) and `decode`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Codebook:
+    """Base class.
+
+    Attributes:
+      name: registry name ("E8P12", ...).
+      dim: vector dimension of one code (8 for the E8 codebooks, 1 for scalar grids).
+      bits_per_weight: code bits per weight.
+      opt_scale: RMS of the input that minimizes MSE on unit Gaussian data (the official
+        codebook's `opt_scale`).
+      default_scale: the rho `quantize_linear` uses when `scale=None` (the official README's
+        recommendation; 0.9 for E8P12, which beats 1.03 on real layers).
+      code_shape: trailing shape of the codes of one vector (() or (stages,)).
+      code_dtype: numpy dtype of the codes.
+    """
+
+    name: str
+    dim: int
+    bits_per_weight: float
+    opt_scale: float
+    default_scale: float
+    code_shape: Tuple[int, ...]
+    code_dtype: type
+
+    # -- to implement -------------------------------------------------------------------
+    def _quantize_t(self, xt: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """xt (dim, N) float -> (codes (N,) + code_shape, xhat (dim, N) same dtype as xt)."""
+        raise NotImplementedError
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """codes (...,) + code_shape -> (..., dim) float32 codewords."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------
+    def quantize_with_values(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """x (..., dim) float -> (codes (...,) + code_shape, xhat (..., dim) in x's dtype)."""
+        x = jnp.asarray(x)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{self.name} quantizes vectors of dimension {self.dim}, "
+                             f"got trailing dimension {x.shape[-1]}")
+        lead = x.shape[:-1]
+        work = jnp.promote_types(x.dtype, jnp.float32)
+        xt = x.reshape(-1, self.dim).astype(work).T
+        codes, xhat_t = self._quantize_t(xt)
+        return (codes.reshape(lead + self.code_shape),
+                xhat_t.T.reshape(lead + (self.dim,)).astype(x.dtype))
+
+    def quantize(self, x: jax.Array) -> jax.Array:
+        """Codes of the nearest codeword of each vector: x (..., dim) -> (...,) + code_shape."""
+        return self.quantize_with_values(x)[0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Round x (..., dim) to the codebook: decode(quantize(x)), in x's dtype."""
+        return self.quantize_with_values(x)[1]
+
+    def mse(self, x: jax.Array, scale: float | None = None) -> jax.Array:
+        """Mean squared error per dimension of rounding x * scale, measured at unit scale."""
+        s = self.opt_scale if scale is None else scale
+        return jnp.mean((self(x * s) / s - x) ** 2)
+
+    def __repr__(self):
+        return f"Codebook({self.name}: {self.bits_per_weight:g} bits/weight, dim {self.dim})"
+
+
+def lex_keys(v: np.ndarray, base: int) -> np.ndarray:
+    """Integer keys of small non-negative integer rows (first column most significant)."""
+    key = np.zeros(v.shape[0], np.int64)
+    for col in range(v.shape[1]):
+        key = key * base + v[:, col]
+    return key

@@ -1,0 +1,210 @@
+"""Block LDL decomposition and BlockLDLQ rounding (QuIP#'s adaptive rounding).
+
+With H = L D L^T, L unit block-lower-triangular (8 x 8 blocks), BlockLDLQ rounds the column
+blocks of W (m, n) from the LAST to the FIRST:
+
+    What_k = Q(W_k + (W_{>k} - What_{>k}) L_{>k,k})
+
+(GPTQ with the column order reversed). Optional tune passes are block coordinate descent on the
+proxy loss: What_k <- Q(What_k + (W - What) H[:, k] H[k, k]^-1), also last block first.
+
+Implementation: transposed layout (columns of W leading, so a block is an (8, m) slab that the
+codebooks search without a transpose), `lax.scan` over buffers of `buf_cols` columns and an
+inner scan over the 8-column blocks of a buffer. The error feedback from finished buffers is
+one (buf_cols x n) @ (n x m) matmul per buffer; inside a buffer it is (8 x buf_cols) @
+(buf_cols x m) per block. n is padded at the front to a multiple of `buf_cols` with
+decoupled (identity) columns, which are rounded last and dropped, so every buffer has the
+same shape. Everything is jit/vmap friendly; no Python loop over blocks or rows.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from quipjax import codebooks as _codebooks
+
+__all__ = ["block_ldl", "block_ldlq", "proxy_loss", "BLOCK"]
+
+BLOCK = 8
+_HI = jax.lax.Precision.HIGHEST
+
+
+def block_ldl(H: jax.Array, block: int = BLOCK):
+    """Block LDL^T of a symmetric positive definite H (n, n).
+
+    Returns (L, D): L (n, n) unit block-lower-triangular (identity diagonal blocks, zeros above)
+    and D (n // block, block, block) the diagonal blocks, with H = L blockdiag(D) L^T.
+    If H is not positive definite, L and D contain NaN (check with jnp.isfinite).
+    """
+    n = H.shape[0]
+    if n % block:
+        raise ValueError(f"block_ldl: dimension {n} is not a multiple of the block size {block}")
+    nb = n // block
+    C = jnp.linalg.cholesky(H)
+    Cb = C.reshape(nb, block, nb, block)
+    diag = Cb[jnp.arange(nb), :, jnp.arange(nb), :]                # (nb, b, b) lower
+    eye = jnp.broadcast_to(jnp.eye(block, dtype=H.dtype), diag.shape)
+    dinv = jax.scipy.linalg.solve_triangular(diag, eye, lower=True)
+    L = jnp.einsum("xaic,icd->xaid", Cb, dinv, precision=_HI)
+    blk = jnp.arange(nb)
+    mask = (blk[:, None] > blk[None, :])[:, None, :, None]          # strictly below diagonal
+    L = jnp.where(mask, L, 0.0) + jnp.where(blk[:, None] == blk[None, :], 1.0, 0.0)[:, None, :, None] \
+        * jnp.eye(block, dtype=H.dtype)[None, :, None, :]
+    D = jnp.einsum("ibc,idc->ibd", diag, diag, precision=_HI)
+    return L.reshape(n, n), D
+
+
+def proxy_loss(W: jax.Array, What: jax.Array, H: jax.Array) -> jax.Array:
+    """tr((What - W) H (What - W)^T) / tr(W H W^T), a float32 scalar."""
+    E = What - W
+    num = jnp.sum(jnp.dot(E, H, precision=_HI) * E)
+    den = jnp.sum(jnp.dot(W, H, precision=_HI) * W)
+    return num / den
+
+
+def _quantize_block(cb, x):
+    """Round an (8, m) slab. Returns (codes (m, 8 // dim) + code_shape, xhat (8, m))."""
+    d, m = cb.dim, x.shape[1]
+    xt = x.reshape(BLOCK // d, d, m).transpose(1, 0, 2).reshape(d, -1)
+    codes, xh = cb._quantize_t(xt)
+    codes = codes.reshape((BLOCK // d, m) + cb.code_shape)
+    codes = jnp.moveaxis(codes, 0, 1)
+    xh = xh.reshape(d, BLOCK // d, m).transpose(1, 0, 2).reshape(BLOCK, m)
+    return codes, xh
+
+
+def _pad_front(A, p, fill_identity):
+    """Prepend p decoupled rows/columns to a square matrix (identity block) or rows to a slab."""
+    if p == 0:
+        return A
+    if fill_identity:
+        n = A.shape[0]
+        out = jnp.zeros((n + p, n + p), A.dtype)
+        out = out.at[p:, p:].set(A)
+        return out.at[:p, :p].set(jnp.eye(p, dtype=A.dtype))
+    return jnp.pad(A, ((p, 0), (0, 0)))
+
+
+def _ldlq_pass(cb, Wt, Lp, bs):
+    """One BlockLDLQ pass in transposed, padded layout. Wt (N, m), Lp (N, N)."""
+    N, m = Wt.shape
+
+    def outer(err, b):
+        s = b * bs
+        lcols = jax.lax.dynamic_slice(Lp, (0, s), (N, bs))
+        wb = jax.lax.dynamic_slice(Wt, (s, 0), (bs, m))
+        acc = wb + jnp.dot(lcols.T, err, precision=_HI)           # feedback of later buffers
+        lbb = jax.lax.dynamic_slice(lcols, (s, 0), (bs, bs))
+
+        def inner(eb, kk):
+            r = kk * BLOCK
+            lk = jax.lax.dynamic_slice(lbb, (0, r), (bs, BLOCK))
+            x = jax.lax.dynamic_slice(acc, (r, 0), (BLOCK, m)) + jnp.dot(lk.T, eb, precision=_HI)
+            codes, xh = _quantize_block(cb, x)
+            eb = jax.lax.dynamic_update_slice(
+                eb, jax.lax.dynamic_slice(wb, (r, 0), (BLOCK, m)) - xh, (r, 0))
+            return eb, (codes, xh)
+
+        eb, (codes, xh) = jax.lax.scan(inner, jnp.zeros((bs, m), Wt.dtype),
+                                       jnp.arange(bs // BLOCK), reverse=True)
+        return jax.lax.dynamic_update_slice(err, eb, (s, 0)), (codes, xh)
+
+    _, (codes, xh) = jax.lax.scan(outer, jnp.zeros_like(Wt), jnp.arange(N // bs), reverse=True)
+    return codes.reshape((N // BLOCK,) + codes.shape[2:]), xh.reshape(N, m)
+
+
+def _tune_pass(cb, Wt, Hp, What_t, bs):
+    """One block coordinate descent pass on the proxy loss, last block first."""
+    N, m = Wt.shape
+    nb = N // BLOCK
+    Hb = Hp.reshape(nb, BLOCK, nb, BLOCK)
+    hinv = jnp.linalg.inv(Hb[jnp.arange(nb), :, jnp.arange(nb), :])    # (nb, 8, 8)
+
+    def outer(carry, b):
+        err, what = carry
+        s = b * bs
+        hrows = jax.lax.dynamic_slice(Hp, (s, 0), (bs, N))
+        g = jnp.dot(hrows, err, precision=_HI)                        # H[buf, :] (W - What)
+        hbb = jax.lax.dynamic_slice(hrows, (0, s), (bs, bs))
+        wh_b = jax.lax.dynamic_slice(what, (s, 0), (bs, m))
+        er_b = jax.lax.dynamic_slice(err, (s, 0), (bs, m))
+
+        def inner(c, kk):
+            g, wh_b, er_b = c
+            r = kk * BLOCK
+            old = jax.lax.dynamic_slice(wh_b, (r, 0), (BLOCK, m))
+            hk = jax.lax.dynamic_index_in_dim(hinv, s // BLOCK + kk, keepdims=False)
+            x = old + jnp.dot(hk, jax.lax.dynamic_slice(g, (r, 0), (BLOCK, m)), precision=_HI)
+            codes, new = _quantize_block(cb, x)
+            delta = old - new                                          # change of W - What
+            g = g + jnp.dot(jax.lax.dynamic_slice(hbb, (0, r), (bs, BLOCK)), delta, precision=_HI)
+            wh_b = jax.lax.dynamic_update_slice(wh_b, new, (r, 0))
+            er_b = jax.lax.dynamic_update_slice(
+                er_b, jax.lax.dynamic_slice(er_b, (r, 0), (BLOCK, m)) + delta, (r, 0))
+            return (g, wh_b, er_b), codes
+
+        (_, wh_b, er_b), codes = jax.lax.scan(inner, (g, wh_b, er_b), jnp.arange(bs // BLOCK),
+                                              reverse=True)
+        err = jax.lax.dynamic_update_slice(err, er_b, (s, 0))
+        what = jax.lax.dynamic_update_slice(what, wh_b, (s, 0))
+        return (err, what), codes
+
+    (_, what), codes = jax.lax.scan(outer, (Wt - What_t, What_t), jnp.arange(N // bs),
+                                    reverse=True)
+    return codes.reshape((nb,) + codes.shape[2:]), what
+
+
+@functools.partial(jax.jit, static_argnames=("codebook", "tune_iters", "buf_cols"))
+def _block_ldlq(W, L, H, codebook, tune_iters, buf_cols):
+    cb = _codebooks.get(codebook)
+    m, n = W.shape
+    work = jnp.promote_types(W.dtype, jnp.float32)
+    bs = min(buf_cols, n)
+    N = -(-n // bs) * bs
+    p = N - n
+    Wt = _pad_front(W.T.astype(work), p, False)
+    Lp = _pad_front(L.astype(work), p, True)
+    codes, what_t = _ldlq_pass(cb, Wt, Lp, bs)
+    if tune_iters:
+        Hp = _pad_front(H.astype(work), p, True)
+        for _ in range(tune_iters):
+            codes, what_t = _tune_pass(cb, Wt, Hp, what_t, bs)
+    # codes: (N / 8, m, 8 / dim) + code_shape -> (m, n / dim) + code_shape
+    codes = codes[p // BLOCK:]
+    codes = jnp.moveaxis(codes, 1, 0)
+    codes = codes.reshape((m, n // cb.dim) + cb.code_shape)
+    return codes, what_t[p:].T
+
+
+def block_ldlq(W: jax.Array, L: jax.Array, codebook="E8P12", tune_iters: int = 0, *,
+               H: jax.Array | None = None, buf_cols: int = 128):
+    """BlockLDLQ rounding of W with the block LDL factor L of its (rotated) Hessian.
+
+    Args:
+      W: (m, n) float weights, already rotated and divided by the scale; n % 8 == 0.
+      L: (n, n) unit block-lower-triangular factor from `block_ldl(H)`.
+      codebook: a codebook name or `Codebook`.
+      tune_iters: block coordinate descent passes after LDLQ (needs H).
+      H: (n, n) the Hessian L came from (only for tune_iters > 0).
+      buf_cols: columns per buffer (a multiple of 8); changes speed, not results beyond float
+        rounding.
+    Returns:
+      (codes, What): codes (m, n // dim) + code_shape of the codebook's dtype, What (m, n)
+      the decoded values (float32, or W's dtype if wider).
+    """
+    cb = _codebooks.get(codebook)
+    W = jnp.asarray(W)
+    m, n = W.shape
+    if n % BLOCK:
+        raise ValueError(f"block_ldlq: the input dimension {n} is not a multiple of {BLOCK}")
+    if L.shape != (n, n):
+        raise ValueError(f"block_ldlq: L has shape {L.shape}, expected {(n, n)} for W of shape {W.shape}")
+    if buf_cols % BLOCK or buf_cols <= 0:
+        raise ValueError(f"buf_cols must be a positive multiple of {BLOCK}, got {buf_cols}")
+    if tune_iters and H is None:
+        raise ValueError("block_ldlq: tune_iters > 0 needs the Hessian: pass H=")
+    if H is None:
+        H = jnp.zeros((0, 0), W.dtype)
+    return _block_ldlq(W, L, H, cb, int(tune_iters), int(buf_cols))

@@ -1,0 +1,167 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quipjax import codebooks
+from quipjax.codebooks import e8p, rvq, scalar
+
+
+def in_e8(v):
+    """Rows of v (..., 8) that lie in E8 = D8 u (D8 + 1/2)."""
+    two = np.round(v * 2)
+    ok_grid = np.all(np.abs(two - v * 2) < 1e-6, -1)
+    ints = np.all(two % 2 == 0, -1)
+    halves = np.all(two % 2 == 1, -1)
+    even = (np.round(v.sum(-1)) % 2 == 0) & (np.abs(v.sum(-1) - np.round(v.sum(-1))) < 1e-6)
+    return ok_grid & (ints | halves) & even
+
+
+# --- E8P12 ---------------------------------------------------------------------------------
+
+def test_e8p_codebook_structure():
+    table = e8p.codeword_table().astype(np.float64)
+    assert table.shape == (65536, 8)
+    assert len(np.unique(table, axis=0)) == 65536
+    assert in_e8(table - 0.25).all()                       # all in E8 + 1/4
+    grid = e8p.abs_grid()
+    assert len(np.unique(grid, axis=0)) == 256
+    norms = (grid ** 2).sum(1)
+    assert (norms[:227] <= 10).all() and np.allclose(norms[227:], 12)
+    # the 227 are all of {1/2, 3/2, 5/2, 7/2}^8 within norm^2 10, in lexicographic order
+    assert (np.diff(np.array([int("".join(str(int(2 * v)) for v in r)) for r in grid[:227]])) > 0).all()
+
+
+def test_e8p_hand_worked_codes():
+    # pattern 0 = (1/2)^8, sign field 0 -> parity 0 -> +1/4 everywhere
+    # 0x0001: sign bit 0 set -> parity 1 -> bit 0 flipped back, shift -1/4
+    # 0x0002: bit 1 set -> parity 1 -> field 0b11: bits 0 and 1 negate coordinates 0 and 2
+    #         (shuffle_map = [0, 4, 1, 5, 2, 6, 3, 7]), shift -1/4
+    # 0x0100: pattern 1 = (1/2)^7 (3/2): odd sum, so stored coordinate 7 is negative
+    # 0xE300: pattern 227 = the first norm-12 pattern (3,1,1,1,3,3,3,3)/2, odd sum
+    # 0x0080: bit 7 negates coordinate 7, parity 1 -> bit 0 also flipped -> coordinate 0 too
+    cases = {
+        0x0000: [0.75] * 8,
+        0x0001: [0.25] * 8,
+        0x0002: [-0.75, 0.25, -0.75, 0.25, 0.25, 0.25, 0.25, 0.25],
+        0x0100: [0.75] * 7 + [-1.25],
+        0xE300: [1.75, 0.75, 0.75, 0.75, 1.75, 1.75, 1.75, -1.25],
+        0x0080: [-0.75] + [0.25] * 6 + [-0.75],
+    }
+    cb = codebooks.get("E8P12")
+    for code, want in cases.items():
+        np.testing.assert_array_equal(np.asarray(cb.decode(np.uint16(code))), np.float32(want))
+    # the official packed pattern table: nibbles 2v + 8, columns [0, 2, 4, 6, 1, 3, 5, 7]
+    packed = e8p.packed_abs_grid()
+    assert packed[0] == 0x99999999
+    assert packed[1] == 0x59999999      # stored column 7 holds -3/2 -> nibble 5
+    assert packed[227] == 0x5B99BB9B    # (3,1,1,1,3,3,3,3)/2 permuted, last negated
+
+
+def test_e8p_quantize_exact_vs_brute_force():
+    cb = codebooks.get("E8P12")
+    x = np.random.default_rng(0).standard_normal((20000, 8)).astype(np.float32) * 1.03
+    codes, xhat = jax.jit(cb.quantize_with_values)(x)
+    codes = np.asarray(codes)
+    assert codes.dtype == np.uint16
+    bf_codes, bf_d = e8p.e8p_quantize_brute_force(x)
+    table = e8p.codeword_table()
+    d = ((x - table[codes]) ** 2).sum(1)
+    # every vector gets a nearest point (ties aside: equal distances up to float rounding)
+    assert (d <= np.asarray(bf_d) + 1e-4).all()
+    same = codes == np.asarray(bf_codes)
+    assert same.mean() > 0.9999
+    np.testing.assert_array_equal(np.asarray(xhat), table[codes])
+
+
+def test_e8p_mse_at_scale():
+    cb = codebooks.get("E8P12")
+    x = jax.random.normal(jax.random.key(0), (250000, 8))
+    assert abs(float(cb.mse(x, 1.03)) - 0.0914) < 0.002
+    assert abs(float(cb.mse(x, 0.9)) - 0.099) < 0.002
+
+
+def test_e8p_edge_inputs():
+    cb = codebooks.get("E8P12")
+    x = np.array([[0.0] * 8, [0.25] * 8, [-0.25] * 8, [100.0] * 8, [-3.0, 3, -3, 3, 0, 0, 1, 1]],
+                 np.float32)
+    codes = np.asarray(cb.quantize(x))
+    _, bf_d = e8p.e8p_quantize_brute_force(x)
+    d = ((x - e8p.codeword_table()[codes]) ** 2).sum(1)
+    assert (d <= np.asarray(bf_d) + 1e-3).all()
+
+
+# --- RVQ and the E8 one-bit table ------------------------------------------------------------
+
+def test_e81b_table():
+    t = rvq.e81b_table().astype(np.float64)
+    assert t.shape == (256, 8) and len(np.unique(t, axis=0)) == 256
+    assert in_e8(t).all()
+    norms = (t ** 2).sum(1)
+    assert (norms <= 2 + 1e-9).sum() == 241          # all E8 points of norm^2 <= 2
+    four = t[np.isclose(norms, 4)]
+    assert len(four) == 15 and not any(np.array_equal(r, -2 * np.eye(8)[7]) for r in four)
+    assert np.array_equal(t[0], [-1, -1, 0, 0, 0, 0, 0, 0])   # lexicographic, integers first
+    assert np.array_equal(t[241], 2 * np.eye(8)[0])
+
+
+def test_e81b_exact_vs_brute_force():
+    cb = codebooks.get("E81B")
+    x = np.random.default_rng(1).standard_normal((20000, 8)).astype(np.float32) * 0.7
+    codes, xhat = jax.jit(cb.quantize_with_values)(x)
+    t = rvq.e81b_table()
+    d = ((x[:, None, :] - t[None]) ** 2).sum(-1)
+    codes = np.asarray(codes)
+    assert (d[np.arange(len(x)), codes] <= d.min(1) + 1e-5).all()
+    assert (codes == d.argmin(1)).mean() > 0.9999
+    np.testing.assert_array_equal(np.asarray(xhat), t[codes])
+
+
+@pytest.mark.parametrize("name", ["E8P12RVQ3B", "E8P12RVQ4B"])
+def test_rvq_is_greedy_two_stage(name):
+    cb = codebooks.get(name)
+    x = np.random.default_rng(2).standard_normal((3000, 8)).astype(np.float32)
+    codes, xhat = jax.jit(cb.quantize_with_values)(x)
+    codes = np.asarray(codes)
+    assert codes.shape == (3000, 2) and codes.dtype == np.uint16
+    # decode(codes) == the values returned under jit (regression: an XLA:CPU fusion bug once
+    # made these differ in ~4% of vectors)
+    np.testing.assert_array_equal(np.asarray(cb.decode(codes)), np.asarray(xhat))
+    s1 = codebooks.get("E8P12")
+    c1 = np.asarray(s1.quantize(x))
+    np.testing.assert_array_equal(codes[:, 0], c1)
+    resid = (x - np.asarray(s1.decode(c1))) * cb.resid_scale
+    np.testing.assert_array_equal(codes[:, 1], np.asarray(cb.stage2.quantize(resid)))
+
+
+def test_gaussian_mse_ordering():
+    x = jax.random.normal(jax.random.key(5), (100000, 8))
+    mse = {n: float(codebooks.get(n).mse(x if codebooks.get(n).dim == 8 else x.reshape(-1, 1)))
+           for n in ["E8P12RVQ4B", "E8P12RVQ3B", "E8P12", "HI2"]}
+    assert mse["E8P12RVQ4B"] < mse["E8P12RVQ3B"] < mse["E8P12"] < mse["HI2"]
+
+
+# --- scalar grids ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_half_integer_grid_exact(bits):
+    cb = codebooks.get(f"HI{bits}")
+    assert cb.dim == 1 and cb.bits_per_weight == bits
+    x = np.random.default_rng(bits).standard_normal((5000, 1)).astype(np.float32) * 3
+    codes, xhat = cb.quantize_with_values(x)
+    grid = np.arange(2 ** bits) - 2 ** (bits - 1) + 0.5
+    best = np.abs(x - grid[None]).min(1)
+    assert (np.abs(x[:, 0] - np.asarray(xhat)[:, 0]) <= best + 1e-6).all()
+    np.testing.assert_array_equal(np.asarray(cb.decode(codes)), np.asarray(xhat))
+    assert abs(cb.opt_scale - scalar.optimal_scale(bits)) < 1e-3
+
+
+def test_registry_errors_and_defaults():
+    with pytest.raises(ValueError, match="unknown codebook"):
+        codebooks.get("E8P13")
+    assert codebooks.get("E8P12").default_scale == 0.9
+    assert codebooks.get("E8P12").opt_scale == 1.03
+    assert codebooks.get("E8P12RVQ3B").default_scale == 0.98
+    assert codebooks.get("E8P12RVQ4B").default_scale == 1.03
+    with pytest.raises(ValueError, match="dimension"):
+        codebooks.get("E8P12").quantize(jnp.ones((3, 4)))
