@@ -10,8 +10,8 @@ correlated Gaussian inputs x = z A), generated with fixed seeds, or read from --
 Timing: the first call of each configuration includes XLA compilation; "compile_s" is the first
 call minus the median of the next --repeats calls ("run_s"). --baseline_cmd runs another
 implementation on the same inputs in the same run (for ratios measured under the same machine
-load): it is formatted with {w} {h} {codebook} {scale} {tune_iters} {out} and must write an .npz
-with `seconds` and `proxy`.
+load): it is formatted with {w} {h} {codebook} {scale} {tune_iters} {seed} {out} and must write an
+.npz with `seconds` and `proxy`. --proxy_seeds=k compares proxy losses over k sign seeds.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ flags.DEFINE_string("data_dir", None, "Read W_{m}x{n}.npy and H_{n}.npy from her
 flags.DEFINE_string("baseline_cmd", None, "Command timing another implementation (see module doc).")
 flags.DEFINE_string("baseline_codebooks", "E8P12", "Codebooks for which to run the baseline.")
 flags.DEFINE_string("baseline_shapes", None, "Shapes for the baseline (default: all).")
+flags.DEFINE_integer("proxy_seeds", 0, "If > 0: instead of timing, report the mean and std of the "
+                     "proxy loss over this many sign seeds (0..k-1), ours and the baseline's.")
 
 
 def make_inputs(m, n):
@@ -74,14 +76,21 @@ def time_ours(W, H, name):
     return first - run_s if times else float("nan"), run_s, proxy
 
 
-def time_baseline(W, H, name):
+def proxy_ours(W, H, name, seed):
+    ql = quantize_linear(W, H, codebook=name, scale=FLAGS.scale, tune_iters=FLAGS.tune_iters,
+                         key=jax.random.key(seed))
+    return float(ldlq.proxy_loss(jnp.asarray(W), ql.dequantize(), hessian.regularize(H)))
+
+
+def time_baseline(W, H, name, seed=None):
     with tempfile.TemporaryDirectory() as d:
         wp, hp, out = (os.path.join(d, f) for f in ("W.npy", "H.npy", "out.npz"))
         np.save(wp, W)
         np.save(hp, H)
         scale = FLAGS.scale if FLAGS.scale is not None else codebooks.get(name).default_scale
         cmd = FLAGS.baseline_cmd.format(w=wp, h=hp, codebook=name, scale=scale,
-                                        tune_iters=FLAGS.tune_iters, out=out)
+                                        tune_iters=FLAGS.tune_iters, out=out,
+                                        seed=FLAGS.seed if seed is None else seed)
         subprocess.run(shlex.split(cmd), check=True, stdout=subprocess.DEVNULL)
         r = np.load(out)
         return float(r["seconds"]), float(r["proxy"])
@@ -92,6 +101,8 @@ def main(argv):
     print(f"jax {jax.__version__}, devices {jax.devices()}, cpu count {os.cpu_count()}")
     base_cbs = set(FLAGS.baseline_codebooks.split(","))
     base_shapes = set(FLAGS.baseline_shapes.split(",")) if FLAGS.baseline_shapes else None
+    if FLAGS.proxy_seeds:
+        return seed_table(base_cbs, base_shapes)
     header = "| shape | codebook | compile_s | run_s | proxy |"
     if FLAGS.baseline_cmd:
         header += " baseline_s | baseline_proxy | speedup |"
@@ -106,6 +117,22 @@ def main(argv):
             if FLAGS.baseline_cmd and name in base_cbs and (base_shapes is None or shape in base_shapes):
                 bs, bp = time_baseline(W, H, name)
                 row += f" {bs:.2f} | {bp:.6f} | {bs / run_s:.1f}x |"
+            print(row, flush=True)
+
+
+def seed_table(base_cbs, base_shapes):
+    seeds = range(FLAGS.proxy_seeds)
+    print(f"| shape | codebook | proxy over seeds 0..{FLAGS.proxy_seeds - 1} (mean +- std) | baseline |")
+    print("|---|---|---|---|")
+    for shape in FLAGS.shapes:
+        m, n = (int(v) for v in shape.split("x"))
+        W, H = make_inputs(m, n)
+        for name in FLAGS.codebooks:
+            ours = [proxy_ours(W, H, name, s) for s in seeds]
+            row = f"| {m}x{n} | {name} | {np.mean(ours):.6f} +- {np.std(ours):.6f} |"
+            if FLAGS.baseline_cmd and name in base_cbs and (base_shapes is None or shape in base_shapes):
+                base = [time_baseline(W, H, name, s)[1] for s in seeds]
+                row += f" {np.mean(base):.6f} +- {np.std(base):.6f} |"
             print(row, flush=True)
 
 

@@ -236,24 +236,19 @@ def hadamard_transform(x: jax.Array, axis: int = -1, transpose: bool = False) ->
     axis = axis % x.ndim
     n = x.shape[axis]
     k = _require_factor(n)
-    out_dtype = x.dtype
     work = jnp.promote_types(x.dtype, jnp.float32)
-    xm = jnp.moveaxis(x.astype(work), axis, -1)
-    lead = xm.shape[:-1]
-    chunks = _pow2_chunks(int(math.log2(n // k)))
-    dims = ([k] if k > 1 else []) + chunks
-    y = xm.reshape(lead + tuple(dims))
-    nd = len(lead)
-    hi = jax.lax.Precision.HIGHEST
+    dims = ([k] if k > 1 else []) + _pow2_chunks(int(math.log2(n // k)))
+    pre, post = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    # view the axis as its Kronecker factors, keep the layout, contract one factor at a time
+    # (no transposes of x: each step is a batched matmul with a small matrix)
+    y = x.astype(work).reshape((pre,) + tuple(dims) + (post,))
+    idx = "abcdefgh"[:len(dims)]
     for i, d in enumerate(dims):
         if k > 1 and i == 0:
-            mat = hadamard_k_matrix(k)
-            if transpose:
-                mat = mat.T
+            mat = hadamard_k_matrix(k).T if transpose else hadamard_k_matrix(k)
         else:
             mat = sylvester(d)  # symmetric
-        mat = jnp.asarray(mat, work)
-        # contract axis nd+i of y with the matrix's column index: y_i <- sum_j mat[i, j] y_j
-        y = jnp.moveaxis(jnp.tensordot(y, mat, axes=([nd + i], [1]), precision=hi), -1, nd + i)
-    y = y.reshape(lead + (n,)) * jnp.asarray(1.0 / math.sqrt(n), work)
-    return jnp.moveaxis(y, -1, axis).astype(out_dtype)
+        src = "P" + idx + "Q"
+        y = jnp.einsum(f"Z{idx[i]},{src}->{src.replace(idx[i], 'Z')}", jnp.asarray(mat, work), y,
+                       precision=jax.lax.Precision.HIGHEST)
+    return (y * jnp.asarray(1.0 / math.sqrt(n), work)).reshape(x.shape).astype(x.dtype)

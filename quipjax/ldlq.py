@@ -87,16 +87,39 @@ def _pad_front(A, p, fill_identity):
     return jnp.pad(A, ((p, 0), (0, 0)))
 
 
+def _row_chunks(N, bs, target=8):
+    """Static row ranges, multiples of bs, about `target` of them."""
+    step = bs * -(-(N // bs) // target)
+    return [(a, min(a + step, N)) for a in range(0, N, step)]
+
+
+def _feedback(Lp, err, s, bs):
+    """L[:, s:s+bs]^T @ err, skipping row chunks that hold no finished rows yet.
+
+    err is zero on rows < s + bs (not yet rounded), so only rows >= s + bs contribute: the
+    contraction is split into static row chunks and each runs only if it reaches past
+    s + bs (a cond on the loop index, which stays a cond under vmap). This halves the
+    dominant cost of BlockLDLQ (the triangular part of an (n x n) @ (n x m) product).
+    """
+    N, m = err.shape
+    acc = jnp.zeros((bs, m), err.dtype)
+    for a, b in _row_chunks(N, bs):
+        def chunk(a=a, b=b):
+            lc = jax.lax.dynamic_slice(Lp, (a, s), (b - a, bs))
+            return jnp.dot(lc.T, err[a:b], precision=_HI)
+        acc = acc + jax.lax.cond(b > s + bs, chunk, lambda: jnp.zeros((bs, m), err.dtype))
+    return acc
+
+
 def _ldlq_pass(cb, Wt, Lp, bs):
     """One BlockLDLQ pass in transposed, padded layout. Wt (N, m), Lp (N, N)."""
     N, m = Wt.shape
 
     def outer(err, b):
         s = b * bs
-        lcols = jax.lax.dynamic_slice(Lp, (0, s), (N, bs))
         wb = jax.lax.dynamic_slice(Wt, (s, 0), (bs, m))
-        acc = wb + jnp.dot(lcols.T, err, precision=_HI)           # feedback of later buffers
-        lbb = jax.lax.dynamic_slice(lcols, (s, 0), (bs, bs))
+        acc = wb + _feedback(Lp, err, s, bs)                        # feedback of later buffers
+        lbb = jax.lax.dynamic_slice(Lp, (s, s), (bs, bs))
 
         def inner(eb, kk):
             r = kk * BLOCK

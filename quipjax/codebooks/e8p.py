@@ -247,11 +247,13 @@ def e8p_quantize_t(x: jax.Array):
     sbits = sbits ^ use_neg.astype(jnp.int32)
     pattern = jnp.asarray(_key3_to_pattern())[key]
     codes = ((pattern << 8) | sbits).astype(jnp.uint16)
-    # Materialized so that consumers (the residual of RVQ, the LDLQ error) do not re-derive
-    # it inside their own fusions: besides the cost, XLA:CPU's fusion emitter in jaxlib
-    # 0.10.2 miscompiles that re-derivation (a wrong level in ~4% of vectors; gone with
+    # Materialized (an identity matmul is never fused into its consumers) so that consumers
+    # (the residual of RVQ, the LDLQ error) do not re-derive it inside their own fusions:
+    # besides the cost, XLA:CPU's fusion emitter in jaxlib 0.10.2 miscompiles that
+    # re-derivation (a wrong level in ~4% of vectors; gone with
     # --xla_cpu_use_fusion_emitters=false). tests/test_codebooks.py checks xhat == decode.
-    return codes, _materialize(xhat.astype(dt))
+    xhat = jnp.dot(jnp.eye(8, dtype=dt), xhat.astype(dt), precision=jax.lax.Precision.HIGHEST)
+    return codes, xhat
 
 
 def e8p_quantize_brute_force(x: jax.Array, chunk: int = 4096):
