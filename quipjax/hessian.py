@@ -63,7 +63,8 @@ def update(state: HessianState, x: jax.Array, mask: jax.Array | None = None,
 
     Args:
       state: a `HessianState` for dimension n.
-      x: (..., n) activations (bf16/f16/f32); leading dims are flattened into rows.
+      x: (..., n) activations (bf16/f16/f32); leading dims are flattened into rows. 16-bit
+        inputs are multiplied in 16 bits (exact products) with float32 accumulation.
       mask: optional (...) weights (1 keeps a row, 0 drops it: padding tokens).
       chunk: rows per matmul; float32 rounding accumulates over at most this many rows.
     Returns:
@@ -73,12 +74,15 @@ def update(state: HessianState, x: jax.Array, mask: jax.Array | None = None,
     if x.shape[-1] != n:
         raise ValueError(f"Hessian accumulator of dimension {n} got inputs of dimension {x.shape[-1]}")
     dt = state.xtx_hi.dtype
-    rows = x.reshape(-1, n).astype(dt)
+    # 16-bit inputs stay 16-bit: their products are exact in float32 (8 or 11 mantissa bits
+    # each), and the matmul accumulates in float32 at 16-bit speed
+    in_dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else dt
+    rows = x.reshape(-1, n).astype(in_dt)
     if mask is None:
         w = jnp.ones((rows.shape[0],), dt)
     else:
         w = jnp.asarray(mask, dt).reshape(-1)
-        rows = rows * w[:, None]
+        rows = rows * w[:, None].astype(in_dt)
     r = rows.shape[0]
     nchunks = max(1, -(-r // chunk))
     pad = nchunks * chunk - r if nchunks > 1 else 0
@@ -88,9 +92,9 @@ def update(state: HessianState, x: jax.Array, mask: jax.Array | None = None,
 
     def body(st, xs):
         xc, wc = xs
-        xtx = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
+        xtx = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dt)
         a = _two_sum(st.xtx_hi, st.xtx_lo, xtx)
-        b = _two_sum(st.sum_hi, st.sum_lo, jnp.sum(xc, 0))
+        b = _two_sum(st.sum_hi, st.sum_lo, jnp.sum(xc.astype(dt), 0))
         c = _two_sum(st.count_hi, st.count_lo, jnp.sum(wc))
         return HessianState(*a, *b, *c), None
 

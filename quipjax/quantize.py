@@ -169,7 +169,8 @@ def _block_ldl_float64(H, SU, sigma_reg, rot_n):
 
 def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
                     sigma_reg: float = 1e-2, tune_iters: int = 0, key: jax.Array,
-                    rotation: str = "auto", buf_cols: int = 128) -> QuantizedLinear:
+                    rotation: str = "auto", rounding: str = "ldlq",
+                    buf_cols: int = 128) -> QuantizedLinear:
     """Quantize one linear layer with QuIP# (RHT + BlockLDLQ with a lattice codebook).
 
     Args:
@@ -183,6 +184,8 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
       key: jax.random key for the sign vectors (same key, same codes, bit for bit).
       rotation: "auto" (Hadamard where one is known, else the randomized FFT), "hadamard",
         "rfft" or "identity" (no incoherence processing: the ablation).
+      rounding: "ldlq" (BlockLDLQ) or "nearest" (each block rounded to its nearest codeword,
+        the ablation; tune passes still apply if requested).
       buf_cols: LDLQ buffer width (speed only).
     Returns:
       A `QuantizedLinear`.
@@ -199,10 +202,15 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
         raise ValueError(f"scale must be a positive number, got {scale}")
     if sigma_reg < 0:
         raise ValueError(f"sigma_reg must be >= 0, got {sigma_reg}")
+    if rounding not in ("ldlq", "nearest"):
+        raise ValueError(f"rounding must be 'ldlq' or 'nearest', got {rounding!r}")
     rotations = (_rht.rotation(m, rotation), _rht.rotation(n, rotation))
     Ws, Hr, SU, SV, wscale = _rotate_and_scale(W, H, key, jnp.float32(sigma_reg),
                                                jnp.float32(rho), rotations)
-    L, _ = jax.jit(_ldlq.block_ldl)(Hr)
+    if rounding == "nearest":     # no error feedback: L = I
+        L = jnp.eye(n, dtype=jnp.float32)
+    else:
+        L, _ = jax.jit(_ldlq.block_ldl)(Hr)
     if not bool(jnp.all(jnp.isfinite(L))):
         L = _block_ldl_float64(H, SU, sigma_reg, rotations[1])
         if L is None:

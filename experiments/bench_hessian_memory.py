@@ -1,0 +1,104 @@
+"""Peak memory of Hessian collection at several calibration set sizes.
+
+    python experiments/bench_hessian_memory.py --devset_sizes=8,32            # shipped SmolLM2
+    python experiments/bench_hessian_memory.py --shape=llama2_7b --layers=2 --devset_sizes=2,8
+
+Each size runs in a fresh subprocess (collect_hessians into a temporary directory) and reports
+its peak resident memory (ru_maxrss) and time. --shape=llama2_7b builds a random model with
+Llama-2-7B's dimensions (hidden 4096, intermediate 11008, 32 heads, vocab 32000) and --layers
+blocks as a bf16 safetensors folder: the memory of layer-major collection does not depend on the
+number of layers, so two layers show the peak of the full 32-layer run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("devset_sizes", ["8", "32"], "Calibration windows per run.")
+flags.DEFINE_integer("ctx_size", 2048, "Tokens per window.")
+flags.DEFINE_enum("shape", "smollm2", ["smollm2", "llama2_7b"], "Model: the shipped SmolLM2 or "
+                  "a random Llama-2-7B-shaped one.")
+flags.DEFINE_integer("layers", 2, "Blocks of the random 7B-shaped model.")
+flags.DEFINE_string("child", None, "Internal: run one collection (json args).")
+
+
+def make_7b_folder(path, layers):
+    import jax
+    import jax.numpy as jnp
+    from safetensors.flax import save_file
+    d, f, v = 4096, 11008, 32000
+    cfg = {"model_type": "llama", "vocab_size": v, "hidden_size": d, "intermediate_size": f,
+           "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+           "max_position_embeddings": 4096}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    key = jax.random.key(0)
+
+    def rnd(shape):
+        nonlocal key
+        key, k = jax.random.split(key)
+        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
+    save_file({"model.embed_tokens.weight": rnd((v, d)), "lm_head.weight": rnd((v, d)),
+               "model.norm.weight": jnp.ones((d,), jnp.bfloat16)},
+              os.path.join(path, "model-globals.safetensors"))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {p + "input_layernorm.weight": jnp.ones((d,), jnp.bfloat16),
+             p + "post_attention_layernorm.weight": jnp.ones((d,), jnp.bfloat16)}
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{n}.weight"] = rnd((d, d))
+        t[p + "mlp.gate_proj.weight"] = rnd((f, d))
+        t[p + "mlp.up_proj.weight"] = rnd((f, d))
+        t[p + "mlp.down_proj.weight"] = rnd((d, f))
+        save_file(t, os.path.join(path, f"model-layer{i}.safetensors"))
+
+
+def child(args):
+    import numpy as np
+    from quipjax.models.loaders import open_checkpoint
+    from quipjax.pipeline import hessians
+    src = open_checkpoint(args["model"])
+    windows = np.random.default_rng(0).integers(0, src.spec.vocab_size,
+                                                (args["devset"], args["ctx"])).astype(np.int32)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        hessians.collect_hessians(src, windows, d)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": rss_mb, "seconds": time.perf_counter() - t}))
+
+
+def main(argv):
+    del argv
+    if FLAGS.child:
+        return child(json.loads(FLAGS.child))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = None
+        if FLAGS.shape == "llama2_7b":
+            model = os.path.join(tmp, "llama2_7b_shaped")
+            make_7b_folder(model, FLAGS.layers)
+        print(f"| model | windows x ctx | peak RSS (MB) | seconds |")
+        print("|---|---|---|---|")
+        for n in FLAGS.devset_sizes:
+            args = json.dumps({"model": model, "devset": int(n), "ctx": FLAGS.ctx_size})
+            out = subprocess.run([sys.executable, __file__, f"--child={args}"], check=True,
+                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            name = "SmolLM2-135M" if model is None else f"Llama-2-7B-shaped, {FLAGS.layers} layers"
+            print(f"| {name} | {n} x {FLAGS.ctx_size} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,63 @@
+"""Perplexity of an FP model or a quantized checkpoint, by the protocol of REAL_DATA.md.
+
+    python experiments/eval_ppl.py --dataset=wiki                      # the shipped SmolLM2, FP
+    python experiments/eval_ppl.py --checkpoint=runs/smollm2_135m_2bit --dataset=c4
+    python experiments/eval_ppl.py --model=/path/to/hf_folder --text_file=my.txt
+
+The last line of standard output is one JSON object {"ppl": .., "tokens": ..}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from quipjax.models.loaders import load_model, open_checkpoint  # noqa: E402
+from quipjax.pipeline import checkpoint as ckpt  # noqa: E402
+from quipjax.pipeline import data  # noqa: E402
+from quipjax.pipeline.run import DTYPES, _ppl, tokenizer_from_ref  # noqa: E402
+from quipjax.pipeline.quantize_model import build_quantized_model  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "FP model: HF folder or .gguf (default: the shipped SmolLM2). "
+                    "With --checkpoint: where to read the tokenizer if its recorded path is gone.")
+flags.DEFINE_string("checkpoint", None, "A quantized checkpoint (the --output_dir of quantize.py).")
+flags.DEFINE_enum("dataset", "wiki", ["wiki", "c4"], "Evaluation set (ignored with --text_file).")
+flags.DEFINE_string("text_file", None, "Evaluate on this text instead.")
+flags.DEFINE_integer("ctx_size", 2048, "Tokens per window.")
+flags.DEFINE_integer("max_windows", 24, "Use at most this many windows (protocol: 24).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights/matmul input dtype.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if FLAGS.checkpoint:
+        meta = ckpt.read_meta(FLAGS.checkpoint)
+        tok = (open_checkpoint(FLAGS.model).tokenizer if FLAGS.model
+               else tokenizer_from_ref(meta["tokenizer"]))
+        model = build_quantized_model(FLAGS.checkpoint, meta, DTYPES[FLAGS.dtype])
+    else:
+        src = open_checkpoint(FLAGS.model)
+        tok = src.tokenizer
+        model = load_model(src, DTYPES[FLAGS.dtype])
+    if FLAGS.text_file:
+        with open(FLAGS.text_file, encoding="utf-8") as f:
+            windows = data.text_windows(tok, f.read(), FLAGS.ctx_size, FLAGS.max_windows,
+                                        FLAGS.text_file)
+        name = os.path.basename(FLAGS.text_file)
+    else:
+        windows = data.eval_windows(tok, FLAGS.dataset, FLAGS.ctx_size)[:FLAGS.max_windows]
+        name = FLAGS.dataset
+    r = _ppl(model, windows, f"ppl {name}")
+    print(f"{name}: perplexity {r['ppl']:.4f} over {r['tokens']} predicted tokens "
+          f"({len(windows)} windows of {FLAGS.ctx_size}), {r['seconds']:.1f} s")
+    print(json.dumps({"ppl": r["ppl"], "tokens": r["tokens"]}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,184 @@
+"""The quantized-model checkpoint: a directory written layer by layer (resumable).
+
+    <dir>/quipjax.json          format version, model spec, tokenizer reference, settings
+    <dir>/globals/              orbax: embed_tokens, norm, lm_head (float32)
+    <dir>/layers/layer_XXX/     orbax: norms and, per linear group, codes/SU/SV/scales
+    <dir>/layers/layer_XXX.json written after its orbax save completes: the layer is done
+    <dir>/metrics.json          written by experiments/quantize.py
+
+Codes are stored as uint16 (the 3-bit codebook's second stage as uint8), SU as packed bits,
+SV and the fused-group scales as float32, so loading gives back bit-identical weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quipjax import codebooks
+from quipjax.quantize import FORMAT_VERSION, QuantizedLinear
+
+__all__ = ["QuantizedGroup", "write_meta", "read_meta", "save_layer", "load_layer",
+           "layer_done", "save_globals", "load_globals", "CHECKPOINT_VERSION"]
+
+# Version of the directory layout; bumped with any change that old readers cannot handle.
+CHECKPOINT_VERSION = 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedGroup:
+    """Linears sharing an input, quantized as one row-stacked matrix.
+
+    Member i owns rows [offsets[i], offsets[i+1]) of `ql`, divided by `scales[i]` before
+    quantization (the official fused q/k/v and gate/up with their fuse scales).
+    """
+
+    ql: QuantizedLinear
+    scales: jax.Array                                      # (k,) float32
+    members: Tuple[str, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    rows: Tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+
+    def dequantize_members(self) -> list:
+        W = self.ql.dequantize()
+        out, r = [], 0
+        for i, n in enumerate(self.rows):
+            out.append(W[r:r + n] * self.scales[i])
+            r += n
+        return out
+
+    def code_bits(self) -> int:
+        m, n = self.ql.shape
+        return int(round(m * n * codebooks.get(self.ql.codebook).bits_per_weight))
+
+    def overhead_bits(self) -> int:
+        m, n = self.ql.shape
+        return n + 32 * m + 32 * len(self.rows)           # SU bits, SV float32, scales float32
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+    return ocp
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_meta(ckpt_dir: str, meta: dict) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    _write_json(os.path.join(ckpt_dir, "quipjax.json"),
+                dict(meta, checkpoint_version=CHECKPOINT_VERSION, format_version=FORMAT_VERSION))
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "quipjax.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{ckpt_dir} is not a quipjax checkpoint (no quipjax.json)")
+    with open(path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is corrupt: {e}") from e
+    v, fv = meta.get("checkpoint_version"), meta.get("format_version")
+    if v != CHECKPOINT_VERSION or fv != FORMAT_VERSION:
+        raise ValueError(
+            f"{ckpt_dir} was written with checkpoint version {v} / format version {fv}; this "
+            f"quipjax reads version {CHECKPOINT_VERSION} / {FORMAT_VERSION}: use the quipjax "
+            "release that wrote it, or quantize again")
+    return meta
+
+
+def _layer_dir(ckpt_dir, i):
+    return os.path.join(ckpt_dir, "layers", f"layer_{i:03d}")
+
+
+def layer_done(ckpt_dir: str, i: int) -> bool:
+    return os.path.exists(_layer_dir(ckpt_dir, i) + ".json")
+
+
+def _save_tree(path, tree):
+    ocp = _ocp()
+    if os.path.exists(path):        # a partial save from a killed run
+        shutil.rmtree(path)
+    ck = ocp.StandardCheckpointer()
+    ck.save(os.path.abspath(path), tree)
+    ck.wait_until_finished()
+
+
+def _restore_tree(path):
+    ocp = _ocp()
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    except Exception as e:
+        raise ValueError(f"{path} could not be read (truncated or corrupt checkpoint): {e}") from e
+
+
+def _pack_group(g: QuantizedGroup) -> dict:
+    codes = np.asarray(g.ql.codes)
+    arrays = {"codes": codes, "SU": np.packbits(np.asarray(g.ql.SU) < 0),
+              "SV": np.asarray(g.ql.SV, np.float32), "scales": np.asarray(g.scales, np.float32)}
+    if g.ql.codebook == "E8P12RVQ3B":   # second stage has 8 bits
+        arrays["codes"] = codes[..., 0]
+        arrays["codes2"] = codes[..., 1].astype(np.uint8)
+    return arrays
+
+
+def _unpack_group(arrays: dict, meta: dict) -> QuantizedGroup:
+    m, n = meta["shape"]
+    codes = np.asarray(arrays["codes"])
+    if "codes2" in arrays:
+        codes = np.stack([codes, np.asarray(arrays["codes2"]).astype(np.uint16)], -1)
+    su = np.where(np.unpackbits(np.asarray(arrays["SU"]))[:n].astype(bool), -1.0, 1.0)
+    ql = QuantizedLinear(codes=jnp.asarray(codes), SU=jnp.asarray(su, jnp.float32),
+                         SV=jnp.asarray(arrays["SV"], jnp.float32), codebook=meta["codebook"],
+                         shape=(m, n), transforms=tuple(meta["transforms"]),
+                         format_version=meta["format_version"])
+    return QuantizedGroup(ql=ql, scales=jnp.asarray(arrays["scales"]),
+                          members=tuple(meta["members"]), rows=tuple(meta["rows"]))
+
+
+def save_layer(ckpt_dir: str, i: int, groups: dict, norms: dict, info: dict) -> None:
+    """Save layer i (groups: name -> QuantizedGroup; norms: name -> array), then mark it done."""
+    tree = {"norms": {k: np.asarray(v, np.float32) for k, v in norms.items()},
+            "groups": {k: _pack_group(g) for k, g in groups.items()}}
+    _save_tree(_layer_dir(ckpt_dir, i), tree)
+    gmeta = {k: {"shape": list(g.ql.shape), "codebook": g.ql.codebook,
+                 "transforms": list(g.ql.transforms), "format_version": g.ql.format_version,
+                 "members": list(g.members), "rows": list(g.rows)} for k, g in groups.items()}
+    _write_json(_layer_dir(ckpt_dir, i) + ".json", dict(info, groups=gmeta))
+
+
+def load_layer(ckpt_dir: str, i: int) -> Tuple[dict, dict, dict]:
+    """(groups, norms, info) of layer i."""
+    jpath = _layer_dir(ckpt_dir, i) + ".json"
+    if not os.path.exists(jpath):
+        raise FileNotFoundError(f"layer {i} of {ckpt_dir} is missing: the checkpoint is "
+                                "truncated (an interrupted run? rerun quantize.py to finish it)")
+    with open(jpath) as f:
+        info = json.load(f)
+    tree = _restore_tree(_layer_dir(ckpt_dir, i))
+    groups = {k: _unpack_group(tree["groups"][k], gm) for k, gm in info["groups"].items()}
+    return groups, tree["norms"], info
+
+
+def save_globals(ckpt_dir: str, arrays: dict) -> None:
+    _save_tree(os.path.join(ckpt_dir, "globals"), {k: np.asarray(v) for k, v in arrays.items()})
+    _write_json(os.path.join(ckpt_dir, "globals.json"), {"names": sorted(arrays)})
+
+
+def load_globals(ckpt_dir: str) -> dict:
+    if not os.path.exists(os.path.join(ckpt_dir, "globals.json")):
+        raise FileNotFoundError(f"{ckpt_dir}/globals is missing: the checkpoint is incomplete")
+    return dict(_restore_tree(os.path.join(ckpt_dir, "globals")))

@@ -1,0 +1,93 @@
+"""Quantize a model's linear groups layer by layer, and rebuild a model from the checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
+from quipjax.models.llama import Llama, LlamaSpec
+from quipjax.pipeline.checkpoint import QuantizedGroup, load_globals, load_layer
+from quipjax.quantize import quantize_linear
+
+__all__ = ["QuantSettings", "quantize_group", "quantize_block", "assign_dequantized",
+           "build_quantized_model", "group_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    codebook: str = "E8P12"
+    scale: Optional[float] = None
+    sigma_reg: float = 1e-2
+    tune_iters: int = 0
+    rotation: str = "auto"
+    rounding: str = "ldlq"
+    seed: int = 0
+
+
+def group_key(seed: int, layer: int, group_index: int) -> jax.Array:
+    """The sign-vector key of one group: a pure function of (seed, layer, group)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), layer), group_index)
+
+
+def quantize_group(weights: list, H: np.ndarray, settings: QuantSettings, key) -> QuantizedGroup:
+    """weights: the members' (out_i, in) matrices; H the shared input Hessian (in, in)."""
+    ws = [np.asarray(w, np.float32) for w in weights]
+    if len(ws) == 1:
+        W, scales = ws[0], np.ones((1,), np.float32)
+    else:
+        scales = np.array([np.sqrt(np.mean(w.astype(np.float64) ** 2)) for w in ws], np.float32)
+        scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+        W = np.concatenate([w / s for w, s in zip(ws, scales)], 0)
+    ql = quantize_linear(W, H, codebook=settings.codebook, scale=settings.scale,
+                         sigma_reg=settings.sigma_reg, tune_iters=settings.tune_iters, key=key,
+                         rotation=settings.rotation, rounding=settings.rounding)
+    return QuantizedGroup(ql=ql, scales=jnp.asarray(scales), rows=tuple(w.shape[0] for w in ws))
+
+
+def quantize_block(block, hessians: dict, settings: QuantSettings, layer: int,
+                   adapter: ModelAdapter = LLAMA, groups=None) -> dict:
+    """{group name: QuantizedGroup} for one block (its FP weights and Hessians)."""
+    out = {}
+    for gi, g in enumerate(adapter.groups):
+        if groups is not None and g.name not in groups:
+            continue
+        ws = [np.asarray(get_path(block, m).weight[...], np.float32) for m in g.members]
+        qg = quantize_group(ws, hessians[g.name], settings, group_key(settings.seed, layer, gi))
+        out[g.name] = dataclasses.replace(qg, members=g.members)
+    return out
+
+
+def assign_dequantized(block, groups: dict, dtype) -> None:
+    """Replace the members' weights in `block` by their dequantized values (in `dtype`)."""
+    for g in groups.values():
+        for path, w in zip(g.members, g.dequantize_members()):
+            lin = get_path(block, path)
+            if tuple(lin.weight.shape) != tuple(w.shape):
+                raise ValueError(f"{path}: quantized shape {w.shape} != model {lin.weight.shape}")
+            lin.weight[...] = w.astype(dtype)
+
+
+def build_quantized_model(ckpt_dir: str, meta: dict, dtype=jnp.bfloat16) -> Llama:
+    """A Llama whose linears hold the dequantized weights of the checkpoint (in `dtype`)."""
+    spec = LlamaSpec.from_dict(meta["model"])
+    model = Llama(spec, dtype)
+    glob = load_globals(ckpt_dir)
+    model.embed_tokens[...] = jnp.asarray(glob["embed_tokens"], dtype)
+    model.norm.weight[...] = jnp.asarray(glob["norm"], jnp.float32)
+    if model.lm_head is not None:
+        model.lm_head.weight[...] = jnp.asarray(glob["lm_head"], dtype)
+    for i in range(spec.num_layers):
+        groups, norms, _ = load_layer(ckpt_dir, i)
+        block = model.layers[i]
+        for name, v in norms.items():
+            get_path(block, name).weight[...] = jnp.asarray(v, jnp.float32)
+        assign_dequantized(block, groups, dtype)
+        missing = [m for m in meta["quantized_linears"] if not any(m in g.members for g in groups.values())]
+        if missing:
+            raise ValueError(f"layer {i} of {ckpt_dir} lacks {missing}")
+    return model

@@ -1,0 +1,252 @@
+"""The end-to-end job behind experiments/quantize.py and experiments/eval_ppl.py.
+
+FP perplexity (cached) -> calibration windows -> Hessians (cached, resumable) -> layer-by-layer
+quantization (resumable) -> quantized perplexity -> metrics.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quipjax import hessian as _hessian
+from quipjax import ldlq as _ldlq
+from quipjax.models.adapter import LLAMA, get_path
+from quipjax.models.loaders import CheckpointSource, Tokenizer, load_block, load_model, open_checkpoint
+from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline import data, evaluate, hessians
+from quipjax.pipeline.quantize_model import QuantSettings, build_quantized_model, quantize_block
+
+__all__ = ["RunConfig", "quantize_model", "fp_perplexity", "checkpoint_perplexity", "tokenizer_from_ref"]
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: Optional[str]
+    output_dir: str
+    settings: QuantSettings
+    devset_size: int = 64
+    ctx_size: int = 2048
+    eval_ctx_size: int = 2048
+    eval_datasets: Sequence[str] = ("wiki", "c4")
+    text_file: Optional[str] = None
+    evaluate: bool = True
+    dtype: str = "bfloat16"
+    hessian_dir: Optional[str] = None
+    batch_size: int = 1
+    overwrite: bool = False
+
+
+def _bar(total, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def _eval_sets(tokenizer, datasets, text_file, ctx):
+    out = {}
+    for ds in datasets:
+        out[ds] = data.eval_windows(tokenizer, ds, ctx)
+    if text_file:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+        out[os.path.basename(text_file)] = data.text_windows(tokenizer, text, ctx,
+                                                              data.EVAL_WINDOWS, text_file)
+    return out
+
+
+def _ppl(model, windows, desc):
+    bar = _bar(len(windows), desc)
+
+    def progress(done, total, ppl):
+        bar.n = done
+        bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
+        bar.refresh()
+    r = evaluate.perplexity(model, windows, progress=progress)
+    bar.close()
+    return r
+
+
+def fp_perplexity(src: CheckpointSource, sets: dict, dtype: str, ctx: int) -> dict:
+    """{dataset: {"ppl", "tokens"}} of the FP model, cached on disk by model, data and dtype."""
+    out, todo = {}, {}
+    for name, w in sets.items():
+        key = json.dumps({"model": src.fingerprint(), "windows": hashlib.sha256(w.tobytes()).hexdigest(),
+                          "dtype": dtype}, sort_keys=True)
+        path = os.path.join(data.cache_dir(), "fp_ppl_" + hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[name] = json.load(f)
+        else:
+            todo[name] = (w, path)
+    if todo:
+        model = load_model(src, DTYPES[dtype])
+        for name, (w, path) in todo.items():
+            r = _ppl(model, w, f"FP ppl {name}")
+            out[name] = {"ppl": r["ppl"], "tokens": r["tokens"]}
+            with open(path + ".tmp", "w") as f:
+                json.dump(out[name], f)
+            os.replace(path + ".tmp", path)
+    return out
+
+
+def tokenizer_from_ref(ref: dict) -> Tokenizer:
+    if not os.path.exists(ref["path"]):
+        raise FileNotFoundError(f"the checkpoint's tokenizer comes from {ref['path']}, which is "
+                                "missing: pass --model=<the source model> to read it from there")
+    return open_checkpoint(ref["path"]).tokenizer
+
+
+def checkpoint_perplexity(ckpt_dir: str, sets: dict, dtype: str) -> dict:
+    meta = ckpt.read_meta(ckpt_dir)
+    model = build_quantized_model(ckpt_dir, meta, DTYPES[dtype])
+    return {name: {k: v for k, v in _ppl(model, w, f"quantized ppl {name}").items() if k != "seconds"}
+            for name, w in sets.items()}
+
+
+def _settings_meta(cfg: RunConfig, src: CheckpointSource) -> dict:
+    s = dataclasses.asdict(cfg.settings)
+    return {"settings": s, "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
+            "source": {"path": os.path.abspath(src.path), "kind": src.kind,
+                       "fingerprint": src.fingerprint()},
+            "hessian_dtype": cfg.dtype}
+
+
+def quantize_model(cfg: RunConfig, log=print) -> dict:
+    """Run the whole job; returns the metrics dict (also written to output_dir/metrics.json)."""
+    t_start = time.perf_counter()
+    seconds = {}
+    src = open_checkpoint(cfg.model)
+    spec = src.spec
+    tok = src.tokenizer
+    log(f"model {src.path}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
+        f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}")
+    out = cfg.output_dir
+    want = _settings_meta(cfg, src)
+    if os.path.exists(os.path.join(out, "quipjax.json")):
+        have = ckpt.read_meta(out)
+        same = all(have.get(k) == v for k, v in want.items())
+        if not same:
+            if not cfg.overwrite:
+                raise ValueError(f"{out} holds a run with other settings; pass --overwrite to "
+                                 "replace it, or choose another --output_dir")
+            import shutil
+            shutil.rmtree(out)
+        else:
+            log(f"resuming the run in {out}")
+    meta = dict(want, model=spec.to_dict(), tokenizer=tok.ref, adapter=LLAMA.name,
+                quantized_linears=LLAMA.linear_paths())
+    ckpt.write_meta(out, meta)
+
+    # 1. FP perplexity (cached)
+    sets = {}
+    metrics = {"ppl": {}, "tokens": {}}
+    if cfg.evaluate:
+        t = time.perf_counter()
+        sets = _eval_sets(tok, cfg.eval_datasets, cfg.text_file, cfg.eval_ctx_size)
+        fp = fp_perplexity(src, sets, cfg.dtype, cfg.eval_ctx_size)
+        metrics["ppl"]["fp"] = {k: v["ppl"] for k, v in fp.items()}
+        metrics["tokens"] = {k: v["tokens"] for k, v in fp.items()}
+        for k, v in fp.items():
+            log(f"FP perplexity {k}: {v['ppl']:.4f} ({v['tokens']} tokens)")
+        seconds["fp_eval"] = time.perf_counter() - t
+
+    # 2. calibration data and Hessians (cached, resumable)
+    t = time.perf_counter()
+    windows = data.calibration_windows(tok, cfg.devset_size, cfg.ctx_size, cfg.settings.seed)
+    hkey = hashlib.sha256(json.dumps({"model": src.fingerprint(), "devset": cfg.devset_size,
+                                      "ctx": cfg.ctx_size, "seed": cfg.settings.seed,
+                                      "dtype": cfg.dtype}, sort_keys=True).encode()).hexdigest()[:16]
+    hdir = cfg.hessian_dir or os.path.join(data.cache_dir(), "hessians", hkey)
+    seconds["calibration_data"] = time.perf_counter() - t
+    t = time.perf_counter()
+    n_missing = sum(not os.path.exists(hessians.layer_file(hdir, i)) for i in range(spec.num_layers))
+    if n_missing:
+        log(f"collecting Hessians of {n_missing} layers over {len(windows)} windows of "
+            f"{cfg.ctx_size} tokens into {hdir}")
+        bar = _bar(spec.num_layers * -(-len(windows) // cfg.batch_size), "Hessians")
+
+        def hprog(layer, done, total):
+            bar.n = layer * total + done
+            bar.set_postfix(layer=layer, refresh=False)
+            bar.refresh()
+        hessians.collect_hessians(src, windows, hdir, dtype=DTYPES[cfg.dtype],
+                                  batch=cfg.batch_size, progress=hprog)
+        bar.close()
+    else:
+        log(f"reusing the Hessians in {hdir}")
+    seconds["hessians"] = time.perf_counter() - t
+
+    # 3. quantization, layer by layer (resumable)
+    t = time.perf_counter()
+    if not os.path.exists(os.path.join(out, "globals.json")):
+        g = {"embed_tokens": src.tensor("model.embed_tokens.weight"),
+             "norm": src.tensor("model.norm.weight")}
+        if not spec.tie_embeddings:
+            g["lm_head"] = src.tensor("lm_head.weight")
+        ckpt.save_globals(out, g)
+    bar = _bar(spec.num_layers, f"quantize {cfg.settings.codebook}")
+    proxies = {}
+    for i in range(spec.num_layers):
+        if ckpt.layer_done(out, i):
+            bar.update(1)
+            continue
+        tl = time.perf_counter()
+        block = load_block(src, i, jnp.float32)
+        hess = hessians.load_layer_hessians(hdir, i)
+        groups = quantize_block(block, hess, cfg.settings, i)
+        info = {"seconds": time.perf_counter() - tl, "proxy": {}}
+        for name, g in groups.items():
+            ws = [np.asarray(get_path(block, m).weight[...]) / float(s)
+                  for m, s in zip(g.members, np.asarray(g.scales))]
+            W = jnp.asarray(np.concatenate(ws, 0))
+            H = _hessian.regularize(hess[name], cfg.settings.sigma_reg)
+            info["proxy"][name] = float(_ldlq.proxy_loss(W, g.ql.dequantize(), H))
+        norms = {p: np.asarray(get_path(block, p).weight[...]) for p in
+                 ("input_layernorm", "post_attention_layernorm")}
+        ckpt.save_layer(out, i, groups, norms, info)
+        bar.set_postfix(refresh=False, layer=i, **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
+        bar.update(1)
+    bar.close()
+    seconds["quantize"] = time.perf_counter() - t
+
+    # bits, proxy summary from the saved layers
+    code_bits = over_bits = weights = 0
+    proxy_all = {}
+    for i in range(spec.num_layers):
+        groups, _, info = ckpt.load_layer(out, i)
+        for name, g in groups.items():
+            m, n = g.ql.shape
+            weights += m * n
+            code_bits += g.code_bits()
+            over_bits += g.overhead_bits()
+            proxy_all.setdefault(name, []).append(info["proxy"][name])
+    metrics["bits_per_weight"] = (code_bits + over_bits) / weights
+    metrics["bits_breakdown"] = {"codes": code_bits / weights, "overhead": over_bits / weights}
+    metrics["proxy_loss_mean"] = {k: float(np.mean(v)) for k, v in proxy_all.items()}
+    log(f"bits per weight (linears, all overheads): {metrics['bits_per_weight']:.4f}")
+
+    # 4. quantized perplexity
+    if cfg.evaluate:
+        t = time.perf_counter()
+        q = checkpoint_perplexity(out, sets, cfg.dtype)
+        metrics["ppl"]["quantized"] = {k: v["ppl"] for k, v in q.items()}
+        for k, v in q.items():
+            log(f"quantized perplexity {k}: {v['ppl']:.4f} ({v['tokens']} tokens)")
+        seconds["quantized_eval"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
+    metrics["seconds"] = seconds
+    metrics["settings"] = dict(want, eval_ctx_size=cfg.eval_ctx_size, dtype=cfg.dtype)
+    with open(os.path.join(out, "metrics.json") + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(os.path.join(out, "metrics.json") + ".tmp", os.path.join(out, "metrics.json"))
+    return metrics
