@@ -65,6 +65,23 @@ def make_hf_folder(path, spec, seed=0, shards=2):
     return model
 
 
+def run_killed_after_one_layer(cfg, monkeypatch):
+    """Run quantize_model(cfg), interrupted when it saves its second layer."""
+    calls = {"n": 0}
+    real_save = ckpt.save_layer
+
+    def dying_save(*a, **k):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_layer", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(cfg, log=lambda *a: None)
+    monkeypatch.setattr(ckpt, "save_layer", real_save)
+
+
 SPEC = llama.LlamaSpec(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                        rms_eps=1e-5, tie_embeddings=False)
@@ -141,20 +158,8 @@ def test_quantize_resume_reload_and_errors(folder, tmp_path, monkeypatch):
     assert set(saved["seconds"]) >= {"fp_eval", "hessians", "quantize", "quantized_eval"}
 
     # a run killed after one layer resumes and ends with the same codes
-    calls = {"n": 0}
-    real_save = ckpt.save_layer
-
-    def dying_save(*a, **k):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("killed")
-        calls["n"] += 1
-        return real_save(*a, **k)
-
     cfg_b = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b"), "evaluate": False})
-    monkeypatch.setattr(ckpt, "save_layer", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        quantize_model(cfg_b, log=lambda *a: None)
-    monkeypatch.setattr(ckpt, "save_layer", real_save)
+    run_killed_after_one_layer(cfg_b, monkeypatch)
     assert ckpt.layer_done(cfg_b.output_dir, 0) and not ckpt.layer_done(cfg_b.output_dir, 1)
     quantize_model(cfg_b, log=lambda *a: None)
     for i in range(SPEC.num_layers):

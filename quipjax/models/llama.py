@@ -149,13 +149,19 @@ class Linear(nnx.Module):
     """y = x W^T (+ b), W stored (out, in) as in PyTorch/HF checkpoints."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, compute_dtype=None):
         self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        # matmul input dtype; None = the weight's (training keeps float32 weights, bf16 matmuls)
+        self.compute_dtype = compute_dtype
+
+    @property
+    def matmul_dtype(self):
+        return self.compute_dtype or self.weight.dtype
 
     def __call__(self, x):
-        w = self.weight[...]
-        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w,
+        cdt = self.matmul_dtype
+        y = jnp.einsum("...i,oi->...o", x.astype(cdt), self.weight[...].astype(cdt),
                        preferred_element_type=jnp.float32)
         return y if self.bias is None else y + self.bias[...]
 
@@ -198,7 +204,7 @@ class Attention(nnx.Module):
         else:
             new_cache = None
             kpos = positions
-        cdt = self.q_proj.weight.dtype if isinstance(self.q_proj, Linear) else jnp.float32
+        cdt = getattr(self.q_proj, "matmul_dtype", jnp.float32)
         o = _attention(q.astype(cdt), k.astype(cdt), v.astype(cdt), positions, kpos,
                        causal_chunks=cache is None)
         out = self.o_proj(o)

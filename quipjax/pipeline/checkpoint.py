@@ -6,8 +6,13 @@
     <dir>/layers/layer_XXX.json written after its orbax save completes: the layer is done
     <dir>/metrics.json          written by experiments/quantize.py
 
-Codes are stored as uint16 (the 3-bit codebook's second stage as uint8), SU as packed bits,
-SV and the fused-group scales as float32, so loading gives back bit-identical weights.
+    <dir>/e2e/, e2e.json        orbax: the end-to-end fine-tuned su/sv and norms, which override
+                                the layers' when e2e.json exists (written last: atomic)
+
+Codes are stored as uint16 (the 3-bit codebook's second stage as uint8), SU as packed bits
+while it holds signs (float32 once fine-tuning made it real-valued), SV and the fused-group
+scales as float32, so loading gives back bit-identical weights. A layer's other FP parameters
+(norm weights, biases) are stored by module path with "." written as "__".
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ from quipjax import codebooks
 from quipjax.quantize import FORMAT_VERSION, QuantizedLinear
 
 __all__ = ["QuantizedGroup", "write_meta", "read_meta", "save_layer", "load_layer",
-           "layer_done", "save_globals", "load_globals", "CHECKPOINT_VERSION"]
+           "layer_done", "save_globals", "load_globals", "save_e2e", "load_e2e", "e2e_done",
+           "drop_e2e", "load_layer_tuned",
+           "CHECKPOINT_VERSION"]
 
 # Version of the directory layout; bumped with any change that old readers cannot handle.
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @jax.tree_util.register_dataclass
@@ -57,9 +64,14 @@ class QuantizedGroup:
         m, n = self.ql.shape
         return int(round(m * n * codebooks.get(self.ql.codebook).bits_per_weight))
 
+    @property
+    def su_is_signs(self) -> bool:
+        return bool(np.all(np.abs(np.asarray(self.ql.SU)) == 1))
+
     def overhead_bits(self) -> int:
         m, n = self.ql.shape
-        return n + 32 * m + 32 * len(self.rows)           # SU bits, SV float32, scales float32
+        su = n if self.su_is_signs else 32 * n              # packed signs, or float32 once tuned
+        return su + 32 * m + 32 * len(self.rows)           # + SV float32, scales float32
 
 
 def _ocp():
@@ -127,8 +139,12 @@ def _restore_tree(path):
 
 def _pack_group(g: QuantizedGroup) -> dict:
     codes = np.asarray(g.ql.codes)
-    arrays = {"codes": codes, "SU": np.packbits(np.asarray(g.ql.SU) < 0),
-              "SV": np.asarray(g.ql.SV, np.float32), "scales": np.asarray(g.scales, np.float32)}
+    arrays = {"codes": codes, "SV": np.asarray(g.ql.SV, np.float32),
+              "scales": np.asarray(g.scales, np.float32)}
+    if g.su_is_signs:
+        arrays["SU"] = np.packbits(np.asarray(g.ql.SU) < 0)
+    else:
+        arrays["SU_real"] = np.asarray(g.ql.SU, np.float32)
     if g.ql.codebook == "E8P12RVQ3B":   # second stage has 8 bits
         arrays["codes"] = codes[..., 0]
         arrays["codes2"] = codes[..., 1].astype(np.uint8)
@@ -140,7 +156,10 @@ def _unpack_group(arrays: dict, meta: dict) -> QuantizedGroup:
     codes = np.asarray(arrays["codes"])
     if "codes2" in arrays:
         codes = np.stack([codes, np.asarray(arrays["codes2"]).astype(np.uint16)], -1)
-    su = np.where(np.unpackbits(np.asarray(arrays["SU"]))[:n].astype(bool), -1.0, 1.0)
+    if "SU_real" in arrays:
+        su = np.asarray(arrays["SU_real"], np.float32)
+    else:
+        su = np.where(np.unpackbits(np.asarray(arrays["SU"]))[:n].astype(bool), -1.0, 1.0)
     ql = QuantizedLinear(codes=jnp.asarray(codes), SU=jnp.asarray(su, jnp.float32),
                          SV=jnp.asarray(arrays["SV"], jnp.float32), codebook=meta["codebook"],
                          shape=(m, n), transforms=tuple(meta["transforms"]),
@@ -149,9 +168,21 @@ def _unpack_group(arrays: dict, meta: dict) -> QuantizedGroup:
                           members=tuple(meta["members"]), rows=tuple(meta["rows"]))
 
 
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def _path(key: str) -> str:
+    return key.replace("__", ".")
+
+
 def save_layer(ckpt_dir: str, i: int, groups: dict, norms: dict, info: dict) -> None:
-    """Save layer i (groups: name -> QuantizedGroup; norms: name -> array), then mark it done."""
-    tree = {"norms": {k: np.asarray(v, np.float32) for k, v in norms.items()},
+    """Save layer i, then mark it done.
+
+    groups: name -> QuantizedGroup; norms: the block's other FP parameters, module path (e.g.
+    "input_layernorm.weight", "self_attn.q_proj.bias") -> array.
+    """
+    tree = {"norms": {_key(k): np.asarray(v, np.float32) for k, v in norms.items()},
             "groups": {k: _pack_group(g) for k, g in groups.items()}}
     _save_tree(_layer_dir(ckpt_dir, i), tree)
     gmeta = {k: {"shape": list(g.ql.shape), "codebook": g.ql.codebook,
@@ -170,7 +201,60 @@ def load_layer(ckpt_dir: str, i: int) -> Tuple[dict, dict, dict]:
         info = json.load(f)
     tree = _restore_tree(_layer_dir(ckpt_dir, i))
     groups = {k: _unpack_group(tree["groups"][k], gm) for k, gm in info["groups"].items()}
-    return groups, tree["norms"], info
+    return groups, {_path(k): v for k, v in tree["norms"].items()}, info
+
+
+def e2e_done(ckpt_dir: str) -> bool:
+    return os.path.exists(os.path.join(ckpt_dir, "e2e.json"))
+
+
+def save_e2e(ckpt_dir: str, layers: list, globals_: dict, info: dict) -> None:
+    """The end-to-end tuned parameters: layers[i] = {"groups": {name: (SU, SV)}, "norms": {path:
+    array}}, globals_ = {name: array} (final norm, lm_head if tuned)."""
+    tree = {"layers": {f"layer_{i:03d}": {
+        "groups": {k: {"SU": np.asarray(su, np.float32), "SV": np.asarray(sv, np.float32)}
+                   for k, (su, sv) in l["groups"].items()},
+        "norms": {_key(k): np.asarray(v, np.float32) for k, v in l["norms"].items()}}
+        for i, l in enumerate(layers)},
+        "globals": {k: np.asarray(v) for k, v in globals_.items()}}
+    _save_tree(os.path.join(ckpt_dir, "e2e"), tree)
+    _write_json(os.path.join(ckpt_dir, "e2e.json"), info)
+
+
+def drop_e2e(ckpt_dir: str) -> None:
+    """Remove the end-to-end stage (marker first, so a kill midway leaves no half state)."""
+    marker = os.path.join(ckpt_dir, "e2e.json")
+    if os.path.exists(marker):
+        os.remove(marker)
+    shutil.rmtree(os.path.join(ckpt_dir, "e2e"), ignore_errors=True)
+
+
+def load_e2e(ckpt_dir: str):
+    """(layers, globals, info) as saved by `save_e2e`, or None when there is no e2e stage."""
+    if not e2e_done(ckpt_dir):
+        return None
+    with open(os.path.join(ckpt_dir, "e2e.json")) as f:
+        info = json.load(f)
+    tree = _restore_tree(os.path.join(ckpt_dir, "e2e"))
+    layers = []
+    for i in range(len(tree["layers"])):
+        l = tree["layers"][f"layer_{i:03d}"]
+        layers.append({"groups": {k: (v["SU"], v["SV"]) for k, v in l["groups"].items()},
+                       "norms": {_path(k): v for k, v in l["norms"].items()}})
+    return layers, dict(tree["globals"]), info
+
+
+def load_layer_tuned(ckpt_dir: str, i: int, e2e=None) -> Tuple[dict, dict]:
+    """(groups, norms) of layer i with the end-to-end overrides applied (`e2e` from
+    `load_e2e`, or None for the layer as saved)."""
+    groups, norms, _ = load_layer(ckpt_dir, i)
+    if e2e is None:
+        return groups, norms
+    over = e2e[0][i]
+    groups = {k: dataclasses.replace(g, ql=dataclasses.replace(
+        g.ql, SU=jnp.asarray(over["groups"][k][0]), SV=jnp.asarray(over["groups"][k][1])))
+        for k, g in groups.items()}
+    return groups, dict(norms, **over["norms"])
 
 
 def save_globals(ckpt_dir: str, arrays: dict) -> None:

@@ -11,11 +11,13 @@ import numpy as np
 
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
 from quipjax.models.llama import Llama, LlamaSpec
-from quipjax.pipeline.checkpoint import QuantizedGroup, load_globals, load_layer
+from flax import nnx
+
+from quipjax.pipeline.checkpoint import QuantizedGroup, load_e2e, load_globals, load_layer_tuned
 from quipjax.quantize import quantize_linear
 
 __all__ = ["QuantSettings", "quantize_group", "quantize_block", "assign_dequantized",
-           "build_quantized_model", "group_key"]
+           "build_quantized_model", "group_key", "block_fp_params", "set_param"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,33 @@ def quantize_block(block, hessians: dict, settings: QuantSettings, layer: int,
     return out
 
 
+def block_fp_params(block, adapter: ModelAdapter = LLAMA) -> dict:
+    """The block's parameters that stay in floating point (norm weights, biases): {module path
+    ("input_layernorm.weight", "self_attn.q_proj.bias"): float32 array}, everything but the
+    weights of the adapter's linears (and the su/sv of tunable ones)."""
+    quantized = {m + ".weight" for m in adapter.linear_paths()}
+    out = {}
+    for path, v in nnx.to_flat_state(nnx.state(block, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        if name in quantized or path[-1] in ("su", "sv"):
+            continue
+        out[name] = np.asarray(v[...], np.float32)
+    return out
+
+
+def set_param(block, path: str, value) -> None:
+    """Assign `value` to the Param at `path` ("mlp.up_proj.bias"), keeping its dtype."""
+    *mod, name = path.split(".")
+    holder = get_path(block, ".".join(mod)) if mod else block
+    var = getattr(holder, name, None)
+    if var is None:
+        raise ValueError(f"the model has no parameter {path}: the checkpoint is from another "
+                         "architecture or configuration")
+    if tuple(var.shape) != tuple(np.shape(value)):
+        raise ValueError(f"{path}: checkpoint shape {np.shape(value)} != model {var.shape}")
+    var[...] = jnp.asarray(value, var.dtype)
+
+
 def assign_dequantized(block, groups: dict, dtype) -> None:
     """Replace the members' weights in `block` by their dequantized values (in `dtype`)."""
     for g in groups.values():
@@ -77,15 +106,18 @@ def build_quantized_model(ckpt_dir: str, meta: dict, dtype=jnp.bfloat16) -> Llam
     spec = LlamaSpec.from_dict(meta["model"])
     model = Llama(spec, dtype)
     glob = load_globals(ckpt_dir)
+    e2e = load_e2e(ckpt_dir)          # end-to-end tuned su/sv and norms override the layers'
+    if e2e is not None:
+        glob.update(e2e[1])
     model.embed_tokens[...] = jnp.asarray(glob["embed_tokens"], dtype)
     model.norm.weight[...] = jnp.asarray(glob["norm"], jnp.float32)
     if model.lm_head is not None:
         model.lm_head.weight[...] = jnp.asarray(glob["lm_head"], dtype)
     for i in range(spec.num_layers):
-        groups, norms, _ = load_layer(ckpt_dir, i)
+        groups, norms = load_layer_tuned(ckpt_dir, i, e2e)
         block = model.layers[i]
         for name, v in norms.items():
-            get_path(block, name).weight[...] = jnp.asarray(v, jnp.float32)
+            set_param(block, name, v)
         assign_dequantized(block, groups, dtype)
         missing = [m for m in meta["quantized_linears"] if not any(m in g.members for g in groups.values())]
         if missing:

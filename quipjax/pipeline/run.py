@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax import hessian as _hessian
-from quipjax import ldlq as _ldlq
-from quipjax.models.adapter import LLAMA, get_path
-from quipjax.models.loaders import CheckpointSource, Tokenizer, load_block, load_model, open_checkpoint
+from quipjax.models.adapter import LLAMA
+from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import data, evaluate, hessians
-from quipjax.pipeline.quantize_model import QuantSettings, build_quantized_model, quantize_block
+from quipjax.pipeline import finetune_model as ftm
+from quipjax.pipeline.finetune_model import FTSettings
+from quipjax.pipeline.quantize_model import QuantSettings, build_quantized_model
 
 __all__ = ["RunConfig", "quantize_model", "fp_perplexity", "checkpoint_perplexity", "tokenizer_from_ref"]
 
@@ -45,6 +45,8 @@ class RunConfig:
     hessian_dir: Optional[str] = None
     batch_size: int = 1
     overwrite: bool = False
+    ft: FTSettings = FTSettings()
+    eval_before_e2e: bool = True
 
 
 def _bar(total, desc):
@@ -115,10 +117,21 @@ def checkpoint_perplexity(ckpt_dir: str, sets: dict, dtype: str) -> dict:
 
 def _settings_meta(cfg: RunConfig, src: CheckpointSource) -> dict:
     s = dataclasses.asdict(cfg.settings)
-    return {"settings": s, "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
+    return {"settings": s, "finetune": dataclasses.asdict(cfg.ft),
+            "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
             "source": {"path": os.path.abspath(src.path), "kind": src.kind,
                        "fingerprint": src.fingerprint()},
             "hessian_dtype": cfg.dtype}
+
+
+def _only_e2e_differs(have: dict, want: dict) -> bool:
+    def strip(m):
+        m = dict(m)
+        m["finetune"] = {k: v for k, v in (m.get("finetune") or {}).items()
+                         if not k.startswith("e2e_")}
+        return m
+    h, w = strip(have), strip(want)
+    return all(h.get(k) == v for k, v in w.items())
 
 
 def quantize_model(cfg: RunConfig, log=print) -> dict:
@@ -135,6 +148,11 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     if os.path.exists(os.path.join(out, "quipjax.json")):
         have = ckpt.read_meta(out)
         same = all(have.get(k) == v for k, v in want.items())
+        if not same and _only_e2e_differs(have, want):
+            # the layers are still valid: redo just the end-to-end stage with the new settings
+            log(f"end-to-end settings changed: discarding the end-to-end stage of {out}")
+            ckpt.drop_e2e(out)
+            same = True
         if not same:
             if not cfg.overwrite:
                 raise ValueError(f"{out} holds a run with other settings; pass --overwrite to "
@@ -194,36 +212,53 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
         if not spec.tie_embeddings:
             g["lm_head"] = src.tensor("lm_head.weight")
         ckpt.save_globals(out, g)
-    bar = _bar(spec.num_layers, f"quantize {cfg.settings.codebook}")
-    proxies = {}
-    for i in range(spec.num_layers):
-        if ckpt.layer_done(out, i):
-            bar.update(1)
-            continue
-        tl = time.perf_counter()
-        block = load_block(src, i, jnp.float32)
-        hess = hessians.load_layer_hessians(hdir, i)
-        groups = quantize_block(block, hess, cfg.settings, i)
-        info = {"seconds": time.perf_counter() - tl, "proxy": {}}
-        for name, g in groups.items():
-            ws = [np.asarray(get_path(block, m).weight[...]) / float(s)
-                  for m, s in zip(g.members, np.asarray(g.scales))]
-            W = jnp.asarray(np.concatenate(ws, 0))
-            H = _hessian.regularize(hess[name], cfg.settings.sigma_reg)
-            info["proxy"][name] = float(_ldlq.proxy_loss(W, g.ql.dequantize(), H))
-        norms = {p: np.asarray(get_path(block, p).weight[...]) for p in
-                 ("input_layernorm", "post_attention_layernorm")}
-        ckpt.save_layer(out, i, groups, norms, info)
+    ftc = cfg.ft
+    ftc.check()
+    ft_windows = None
+    if ftc.epochs > 0:
+        ft_windows = data.calibration_windows(tok, ftc.train_size + ftc.valid_size, ftc.ctx_size,
+                                              cfg.settings.seed + 1)
+    desc = f"quantize {cfg.settings.codebook}" + (" + in-block FT" if ftc.epochs else "")
+    bar = _bar(spec.num_layers, desc)
+    bar.update(sum(ckpt.layer_done(out, i) for i in range(spec.num_layers)))
+
+    def qprog(i, info):
         bar.set_postfix(refresh=False, layer=i, **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
         bar.update(1)
+    ftm.quantize_layers(src, out, hdir, cfg.settings, ftc, ft_windows, progress=qprog,
+                        log=(lambda m: bar.write(m)) if ftc.epochs else None)
     bar.close()
     seconds["quantize"] = time.perf_counter() - t
+
+    # 4. end-to-end fine-tuning (optional), then the quantized perplexity
+    old = {}
+    if os.path.exists(os.path.join(out, "metrics.json")):
+        with open(os.path.join(out, "metrics.json")) as f:      # what an earlier run measured
+            old = json.load(f)
+    before = old.get("ppl", {}).get("before_e2e")
+    if ftc.e2e_epochs > 0 and before is not None and set(before) == set(sets):
+        metrics["ppl"]["before_e2e"] = before          # the layers are unchanged since then
+    if ftc.e2e_epochs > 0 and not ckpt.e2e_done(out):
+        if cfg.evaluate and cfg.eval_before_e2e and "before_e2e" not in metrics["ppl"]:
+            _measure(out, sets, cfg.dtype, metrics, seconds, "before_e2e", log,
+                     "perplexity before end-to-end tuning")
+            _save_metrics(out, metrics)       # kept if the e2e stage is interrupted
+        t = time.perf_counter()
+        e2e_windows = data.calibration_windows(tok, ftc.e2e_train_size + ftc.e2e_valid_size,
+                                               ftc.e2e_ctx_size, cfg.settings.seed + 2)
+        ftm.finetune_e2e(out, src, ftc, e2e_windows, log=log)
+        seconds["e2e_finetune"] = time.perf_counter() - t
+    if ftc.epochs > 0 or ftc.e2e_epochs > 0:
+        from quipjax.pipeline import curves
+        curves.write_curves(out, spec.num_layers)
 
     # bits, proxy summary from the saved layers
     code_bits = over_bits = weights = 0
     proxy_all = {}
+    e2e = ckpt.load_e2e(out)
     for i in range(spec.num_layers):
-        groups, _, info = ckpt.load_layer(out, i)
+        info = ckpt.load_layer(out, i)[2]
+        groups, _ = ckpt.load_layer_tuned(out, i, e2e)     # e2e-tuned SU is real: count as stored
         for name, g in groups.items():
             m, n = g.ql.shape
             weights += m * n
@@ -235,18 +270,26 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     metrics["proxy_loss_mean"] = {k: float(np.mean(v)) for k, v in proxy_all.items()}
     log(f"bits per weight (linears, all overheads): {metrics['bits_per_weight']:.4f}")
 
-    # 4. quantized perplexity
     if cfg.evaluate:
-        t = time.perf_counter()
-        q = checkpoint_perplexity(out, sets, cfg.dtype)
-        metrics["ppl"]["quantized"] = {k: v["ppl"] for k, v in q.items()}
-        for k, v in q.items():
-            log(f"quantized perplexity {k}: {v['ppl']:.4f} ({v['tokens']} tokens)")
-        seconds["quantized_eval"] = time.perf_counter() - t
+        _measure(out, sets, cfg.dtype, metrics, seconds, "quantized", log, "quantized perplexity")
     seconds["total"] = time.perf_counter() - t_start
     metrics["seconds"] = seconds
     metrics["settings"] = dict(want, eval_ctx_size=cfg.eval_ctx_size, dtype=cfg.dtype)
+    _save_metrics(out, metrics)
+    return metrics
+
+
+def _measure(out, sets, dtype, metrics, seconds, name, log, what):
+    """Perplexity of the checkpoint in `out` on every set, into metrics["ppl"][name]."""
+    t = time.perf_counter()
+    q = checkpoint_perplexity(out, sets, dtype)
+    metrics["ppl"][name] = {k: v["ppl"] for k, v in q.items()}
+    for k, v in q.items():
+        log(f"{what} {k}: {v['ppl']:.4f} ({v['tokens']} tokens)")
+    seconds[f"{name}_eval"] = time.perf_counter() - t
+
+
+def _save_metrics(out, metrics):
     with open(os.path.join(out, "metrics.json") + ".tmp", "w") as f:
         json.dump(metrics, f, indent=1)
     os.replace(os.path.join(out, "metrics.json") + ".tmp", os.path.join(out, "metrics.json"))
-    return metrics

@@ -1,0 +1,234 @@
+"""Fine-tuning with optax: QuIP#'s in-block tuning and end-to-end distillation.
+
+A quantized linear keeps its codes fixed and trains its sign vectors as real numbers:
+
+    What = diag(sv) R diag(su),   R = M_m Q M_n^T  (the decoded codes rotated back, fixed)
+
+which is exactly `QuantizedLinear.dequantize()` with SV = sv and SU = su, so the gradients
+with respect to su and sv are exact (no straight-through estimate). `TunableQuantLinear` is
+that layer as an NNX module; `attach_tunable` swaps a group's members for it (the members share
+one `su` Param, as they share the group's input signs) and `detach_tunable` reads the tuned
+group back out.
+
+`tune` is the loop both stages use: optax Adam with one learning rate for su/sv and another for
+every other trainable (`optax.multi_transform`), gradient accumulation (`optax.MultiSteps`),
+jitted steps, a validation pass per epoch, the best state kept, early stopping. The losses:
+`block_mse` (in-block: the FP block's outputs on the FP inputs) and `distill_kl` (end to end:
+KL from the FP model's next-token distribution).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from quipjax import rht as _rht
+from quipjax.models.adapter import get_path, set_path
+
+__all__ = ["Frozen", "TunableQuantLinear", "attach_tunable", "detach_tunable", "TuneConfig",
+           "make_optimizer", "susv_labels", "tune", "block_mse", "distill_kl", "model_forward"]
+
+SUSV = ("su", "sv")
+
+
+class Frozen(nnx.Variable):
+    """A fixed array held by a module: not an `nnx.Param`, so never trained."""
+
+
+class TunableQuantLinear(nnx.Module):
+    """y = x @ (diag(sv) R diag(su))^T (+ bias): a quantized linear with trainable signs.
+
+    Args:
+      R: (m, n) float32, the decoded codes rotated back with unit signs (fixed).
+      su: an `nnx.Param` (n,) float32, shared by the members of one group.
+      sv: (m,) float32 output scales (the group's SV rows times the member's fuse scale).
+      bias: an `nnx.Param` (m,) or None (kept from the FP layer).
+      compute_dtype: matmul input dtype (bf16 runs ~3x faster on CPU); accumulation is float32.
+    """
+
+    def __init__(self, R, su: nnx.Param, sv, bias=None, compute_dtype=jnp.bfloat16):
+        self.R = Frozen(jnp.asarray(R, jnp.float32))
+        self.su = su
+        self.sv = nnx.Param(jnp.asarray(sv, jnp.float32))
+        self.bias = bias
+        self.compute_dtype = compute_dtype
+
+    @property
+    def matmul_dtype(self):
+        return self.compute_dtype
+
+    def weight_value(self) -> jax.Array:
+        """What (m, n) float32."""
+        return self.sv[...][:, None] * self.R[...] * self.su[...][None, :]
+
+    def __call__(self, x):
+        cdt = self.compute_dtype
+        y = jnp.einsum("...i,oi->...o", x.astype(cdt), self.weight_value().astype(cdt),
+                       preferred_element_type=jnp.float32)
+        return y if self.bias is None else y + self.bias[...]
+
+
+def _rotated_back(ql) -> jax.Array:
+    """R = M_m Q M_n^T (m, n) float32: `ql.dequantize()` with unit sign vectors."""
+    m, n = ql.shape
+    return _rht.incoherence_inverse(ql.decode_rotated(), jnp.ones((n,), jnp.float32),
+                                    jnp.ones((m,), jnp.float32), rotations=ql.rotations)
+
+
+def attach_tunable(block, group, compute_dtype=jnp.bfloat16) -> None:
+    """Replace the members of `group` (a `QuantizedGroup`) in `block` by TunableQuantLinears.
+
+    Member i gets rows [r_i, r_i + rows_i) of R and sv = SV[rows] * scales[i]; all members share
+    one su Param initialised to the group's SU. The members' biases are kept.
+    """
+    R = _rotated_back(group.ql)
+    su = nnx.Param(jnp.asarray(group.ql.SU, jnp.float32))
+    r = 0
+    for i, (path, n) in enumerate(zip(group.members, group.rows)):
+        old = get_path(block, path)
+        sv = group.ql.SV[r:r + n] * group.scales[i]
+        set_path(block, path, TunableQuantLinear(R[r:r + n], su, sv, getattr(old, "bias", None),
+                                                 compute_dtype))
+        r += n
+
+
+def detach_tunable(block, group):
+    """The `QuantizedGroup` with the tuned su/sv of its members in `block` (codes unchanged)."""
+    mods = [get_path(block, p) for p in group.members]
+    if not all(isinstance(m, TunableQuantLinear) for m in mods):
+        raise ValueError(f"the members of group {group.members} are not attached TunableQuantLinears")
+    sv = jnp.concatenate([m.sv[...] / group.scales[i] for i, m in enumerate(mods)])
+    ql = dataclasses.replace(group.ql, SU=jnp.asarray(mods[0].su[...], jnp.float32),
+                             SV=jnp.asarray(sv, jnp.float32))
+    return dataclasses.replace(group, ql=ql)
+
+
+class TuneConfig(NamedTuple):
+    """Hyperparameters of one tuning run (defaults: the paper's in-block settings)."""
+
+    epochs: int = 5
+    lr: float = 5e-5           # everything but su/sv
+    susv_lr: float = 5e-4      # su and sv
+    batch_size: int = 4
+    update_freq: int = 2       # batches per optimizer step (gradient accumulation)
+    early_stop: int = 3        # stop after this many epochs without a better validation loss
+    seed: int = 0
+
+
+def susv_labels(params) -> object:
+    """A label tree for `optax.multi_transform`: "susv" for su/sv leaves, "other" elsewhere."""
+    def label(path, _):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return "susv" if any(n in SUSV for n in names) else "other"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(params, lr: float, susv_lr: float, update_freq: int = 1):
+    """Adam with lr for su/sv = susv_lr and lr elsewhere, stepping every `update_freq` calls."""
+    tx = optax.multi_transform({"susv": optax.adam(susv_lr), "other": optax.adam(lr)},
+                               susv_labels(params))
+    return optax.MultiSteps(tx, every_k_schedule=update_freq) if update_freq > 1 else tx
+
+
+def block_mse(block, batch) -> jax.Array:
+    """Mean squared error of block(x) against the FP block's outputs. batch = (x, y) (B, T, d)."""
+    x, y = batch
+    out = block(x, jnp.arange(x.shape[1]))
+    return jnp.mean(jnp.square(out - y))
+
+
+def model_forward(model, tokens, remat: bool = True) -> jax.Array:
+    """Logits (B, T, vocab) float32 of a `Llama`, each block rematerialized in the backward
+    pass (memory: one block's activations plus the block inputs)."""
+    pos = jnp.arange(tokens.shape[1])
+    x = model.embed(tokens)
+    for layer in model.layers:
+        if remat:
+            gdef, state = nnx.split(layer)
+            x = jax.checkpoint(lambda s, h, gdef=gdef: nnx.merge(gdef, s)(h, pos))(state, x)
+        else:
+            x = layer(x, pos)
+    return model.head(x)
+
+
+def distill_kl(model, batch) -> jax.Array:
+    """Mean over tokens of KL(p_fp || p_model). batch = (tokens (B, T), teacher log-probs
+    (B, T, V) float32). Same gradient as the official soft cross-entropy, but 0 at a perfect
+    student, so its value reads directly."""
+    tokens, logp_fp = batch
+    logq = jax.nn.log_softmax(model_forward(model, tokens), -1)
+    return jnp.mean(jnp.sum(jnp.exp(logp_fp) * (logp_fp - logq), -1))
+
+
+def tune(module, loss_fn: Callable, train_batches: Callable[[int], Iterable],
+         valid_batches: Callable[[], Iterable], cfg: TuneConfig, trainable=nnx.Param,
+         progress: Optional[Callable] = None) -> list:
+    """Train `module` in place; keep the parameters with the best validation loss.
+
+    Args:
+      module: an NNX module; its `trainable` variables are trained, the rest held fixed.
+      loss_fn: (module, batch) -> scalar loss; must be jit-traceable.
+      train_batches: epoch -> iterable of batches (shuffled by the caller, from cfg.seed).
+      valid_batches: () -> iterable of batches.
+      cfg: `TuneConfig`.
+      trainable: an NNX filter (default: every `nnx.Param`).
+      progress: optional callable(dict) after each epoch.
+    Returns:
+      The curve: one dict per epoch (epoch 0 is the starting point) with the mean train loss,
+      the validation loss, whether it was the best so far, and the seconds it took.
+    """
+    graphdef, params, rest = nnx.split(module, trainable, ...)
+    tx = make_optimizer(params, cfg.lr, cfg.susv_lr, cfg.update_freq)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, rest, batch):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def evaluate(params, rest, batch):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+    def valid_loss(params):
+        ls = [float(evaluate(params, rest, b)) for b in valid_batches()]
+        return float(np.mean(ls))
+
+    t0 = time.perf_counter()
+    best = valid_loss(params)
+    if not math.isfinite(best):
+        raise FloatingPointError("the validation loss is not finite before tuning: check the inputs")
+    best_params = params
+    curve = [{"epoch": 0, "train": None, "valid": best, "best": True,
+              "seconds": time.perf_counter() - t0}]
+    if progress:
+        progress(curve[-1])
+    worse = 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        losses = []
+        for b in train_batches(epoch):
+            params, opt_state, loss = step(params, opt_state, rest, b)
+            losses.append(loss)
+        v = valid_loss(params)
+        better = v < best
+        curve.append({"epoch": epoch, "train": float(np.mean(jax.device_get(losses))), "valid": v,
+                      "best": better, "seconds": time.perf_counter() - t0})
+        if progress:
+            progress(curve[-1])
+        if better:
+            best, best_params, worse = v, params, 0
+        else:
+            worse += 1
+            if worse >= cfg.early_stop:
+                break
+    nnx.update(module, best_params)
+    return curve

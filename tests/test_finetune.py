@@ -1,0 +1,243 @@
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from quipjax import finetune as ft
+from quipjax import hessian
+from quipjax.models import llama, loaders
+from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline import data, evaluate
+from quipjax.pipeline.finetune_model import FTSettings, quantize_layer
+from quipjax.pipeline.quantize_model import QuantSettings, build_quantized_model, quantize_group
+from quipjax.pipeline.run import RunConfig, quantize_model
+from quipjax.quantize import quantize_linear
+
+from test_pipeline import SPEC, make_hf_folder, run_killed_after_one_layer
+
+HAS_TEXT = importlib.util.find_spec("exllamav2") is not None
+
+
+def _group(m=48, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    W = [rng.standard_normal((m, n)).astype(np.float32),
+         0.5 * rng.standard_normal((m // 2, n)).astype(np.float32)]
+    X = rng.standard_normal((512, n)) @ rng.standard_normal((n, n)) * 0.3
+    H = (X.T @ X / len(X)).astype(np.float32)
+    g = quantize_group(W, H, QuantSettings(), jax.random.key(seed))
+    return g, W
+
+
+class _Two(nnx.Module):
+    def __init__(self, n, m1, m2):
+        self.a = llama.Linear(n, m1)
+        self.b = llama.Linear(n, m2)
+
+
+def test_tunable_linear_equals_quantized_apply():
+    g, _ = _group()
+    host = _Two(64, 48, 24)
+    host_paths = dict(g.__dict__, members=("a", "b"))
+    g = type(g)(**host_paths)
+    ft.attach_tunable(host, g, jnp.float32)
+    assert host.a.su is host.b.su                     # one shared input-sign vector
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 64)), jnp.float32)
+    y = jnp.concatenate([host.a(x), host.b(x)], -1)
+    ref = g.ql.apply(x) * jnp.repeat(g.scales, jnp.asarray(g.rows), total_repeat_length=72)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-4, atol=2e-4)
+    # detaching without training gives the same group back
+    back = ft.detach_tunable(host, g)
+    np.testing.assert_array_equal(np.asarray(back.ql.codes), np.asarray(g.ql.codes))
+    np.testing.assert_allclose(np.asarray(back.ql.SV), np.asarray(g.ql.SV), rtol=1e-6)
+
+
+def test_susv_gradient_matches_finite_differences():
+    """d loss / d(su, sv) through the decoded codes is exact: compare with central differences
+    of the same loss computed by `QuantizedLinear.apply` in float64."""
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((32, 64)).astype(np.float32)
+    H = np.eye(64, dtype=np.float32)
+    ql = quantize_linear(W, H, key=jax.random.key(0))
+    x = rng.standard_normal((6, 64))
+    t = rng.standard_normal((6, 32))
+    with jax.enable_x64(True):
+        ql64 = type(ql)(**{**ql.__dict__, "SU": jnp.asarray(ql.SU, jnp.float64),
+                           "SV": jnp.asarray(ql.SV, jnp.float64)})
+        R = jnp.asarray(np.asarray(ft._rotated_back(ql)), jnp.float64)
+        x64, t64 = jnp.asarray(x), jnp.asarray(t)
+
+        def loss_tunable(su, sv):        # the training path
+            w = sv[:, None] * R * su[None, :]
+            return jnp.sum(jnp.square(x64 @ w.T - t64))
+
+        def loss_apply(su, sv):          # the inference path, rotated basis
+            q = type(ql64)(**{**ql64.__dict__, "SU": su, "SV": sv})
+            y = q.apply(x64.astype(jnp.float32)).astype(jnp.float64)
+            return jnp.sum(jnp.square(y - t64))
+
+        su, sv = ql64.SU, ql64.SV
+        gsu, gsv = jax.grad(loss_tunable, argnums=(0, 1))(su, sv)
+        eps = 1e-3
+        for idx in (0, 7, 33, 63):
+            e = jnp.zeros(64).at[idx].set(eps)
+            fd = (loss_tunable(su + e, sv) - loss_tunable(su - e, sv)) / (2 * eps)
+            np.testing.assert_allclose(float(gsu[idx]), float(fd), rtol=1e-6, atol=1e-8)
+        for idx in (0, 5, 31):
+            e = jnp.zeros(32).at[idx].set(eps)
+            fd = (loss_tunable(su, sv + e) - loss_tunable(su, sv - e)) / (2 * eps)
+            np.testing.assert_allclose(float(gsv[idx]), float(fd), rtol=1e-6, atol=1e-8)
+        # the training loss is the inference layer's loss
+        np.testing.assert_allclose(float(loss_tunable(su, sv)), float(loss_apply(su, sv)),
+                                   rtol=1e-4)
+
+
+def test_optimizer_groups_learning_rates():
+    g, _ = _group()
+    host = _Two(64, 48, 24)
+    g = type(g)(**dict(g.__dict__, members=("a", "b")))
+    ft.attach_tunable(host, g, jnp.float32)
+    _, params, _ = nnx.split(host, nnx.Param, ...)
+    labels = ft.susv_labels(params)
+    flat = {".".join(map(str, p)): v.get_value() if hasattr(v, "get_value") else v
+            for p, v in nnx.to_flat_state(labels)}
+    assert flat == {"a.su": "susv", "a.sv": "susv", "b.sv": "susv"}
+
+
+def _tiny_block_data(seed=0, n=48, T=32):
+    spec = llama.LlamaSpec(vocab_size=32, hidden_size=64, intermediate_size=96, num_layers=1,
+                           num_heads=4, num_kv_heads=2, head_dim=16)
+    model = llama.init_random(spec, jax.random.key(seed), scale=0.15)
+    fp = model.layers[0]
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((64, 64)) * 0.5 + np.eye(64)
+    x = (rng.standard_normal((n, T, 64)) @ mix).astype(np.float32)
+    y = np.asarray(evaluate.run_block(fp, jnp.asarray(x)))
+    return spec, model, x, y
+
+
+def test_inblock_tuning_lowers_heldout_block_mse():
+    spec, model, x, y = _tiny_block_data()
+    fp = model.layers[0]
+    # Hessians of each group's input from the FP block on the same inputs
+    from quipjax.pipeline.hessians import HessianRecorder
+    from quipjax.models.adapter import LLAMA, get_path, set_path
+    import copy
+    rec_block = copy.deepcopy(fp)
+    recs = {}
+    for g in LLAMA.groups:
+        lin = get_path(rec_block, g.members[0])
+        recs[g.name] = HessianRecorder(lin, lin.weight.shape[1])
+        set_path(rec_block, g.members[0], recs[g.name])
+    evaluate.run_block(rec_block, jnp.asarray(x))
+    hess = {k: np.asarray(hessian.finalize(r.stats.get_value()).H) for k, r in recs.items()}
+
+    train, valid, held = slice(0, 24), slice(24, 36), slice(36, 48)
+
+    def train_b(epoch, stage):
+        perm = np.random.default_rng([epoch, stage]).permutation(24)
+        for b in range(0, 24, 4):
+            i = perm[b:b + 4]
+            yield jnp.asarray(x[train][i]), jnp.asarray(y[train][i])
+
+    def valid_b():
+        yield jnp.asarray(x[valid]), jnp.asarray(y[valid])
+
+    def held_mse(block):
+        return float(ft.block_mse(block, (jnp.asarray(x[held]), jnp.asarray(y[held]))))
+
+    settings = QuantSettings(codebook="E8P12")
+    # the untuned quantized block, rebuilt from its codes
+    groups0, _ = quantize_layer(copy.deepcopy(fp), hess, settings, 0, None, None)
+    from quipjax.pipeline.quantize_model import assign_dequantized
+    untuned = copy.deepcopy(fp)
+    assign_dequantized(untuned, groups0, jnp.float32)
+
+    tuned = copy.deepcopy(fp)
+    cfg = FTSettings(epochs=4, lr=1e-3, susv_lr=5e-3, bs=4, update_freq=1,
+                     compute_dtype="float32")
+    groups, info = quantize_layer(tuned, hess, settings, 0, cfg, (train_b, valid_b))
+    assert set(info["curves"]) == {"qkv", "o", "up"}            # no tuning after the last group
+    for c in info["curves"].values():
+        assert min(e["valid"] for e in c) <= c[0]["valid"]
+    # the first group's codes are those of plain quantization (same key, same FP weights)
+    np.testing.assert_array_equal(np.asarray(groups["qkv"].ql.codes),
+                                  np.asarray(groups0["qkv"].ql.codes))
+    # the tuned block, rebuilt from its saved groups, beats the untuned one on held-out windows
+    rebuilt = copy.deepcopy(tuned)
+    for g in groups.values():      # back to plain Linears holding the dequantized weights
+        for p in g.members:
+            set_path(rebuilt, p, llama.Linear(*get_path(untuned, p).weight.shape[::-1]))
+    assign_dequantized(rebuilt, groups, jnp.float32)
+    e_untuned, e_tuned = held_mse(untuned), held_mse(rebuilt)
+    assert e_tuned < 0.95 * e_untuned, (e_tuned, e_untuned)     # measured: 0.91
+    np.testing.assert_allclose(held_mse(tuned), e_tuned, rtol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_TEXT, reason="needs the exllamav2 wheel (pip install --no-deps exllamav2==0.3.2)")
+def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch):
+    path = str(tmp_path / "tiny_hf")
+    make_hf_folder(path, SPEC)
+    monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
+    ftc = FTSettings(epochs=2, lr=1e-3, susv_lr=5e-3, bs=2, update_freq=1, train_size=6,
+                     valid_size=2, ctx_size=64, e2e_epochs=3, e2e_lr=1e-3, e2e_susv_lr=5e-3,
+                     e2e_bs=2, e2e_train_size=6, e2e_valid_size=2, e2e_ctx_size=64,
+                     compute_dtype="float32")
+    cfg = RunConfig(model=path, output_dir=str(tmp_path / "a"), settings=QuantSettings(seed=1),
+                    devset_size=4, ctx_size=64, eval_ctx_size=64, eval_datasets=("c4",),
+                    dtype="float32", ft=ftc)
+    m = quantize_model(cfg, log=lambda *a: None)
+    out = cfg.output_dir
+    assert os.path.exists(os.path.join(out, "ft_curves.png"))
+    curves = json.load(open(os.path.join(out, "ft_curves.json")))
+    assert len(curves["in_block"]) == SPEC.num_layers
+    e2e = curves["e2e"]
+    assert min(c["valid"] for c in e2e[1:]) < e2e[0]["valid"]       # e2e lowers the KL
+    assert "before_e2e" in m["ppl"] and "e2e_finetune" in m["seconds"]
+    # tuned SU is real-valued now and is counted as float32
+    g, _, _ = ckpt.load_layer(out, 0)
+    assert not g["qkv"].su_is_signs
+
+    # a run killed after one in-block layer resumes and ends with the same codes and signs
+    cfg_b = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b"), "evaluate": False,
+                         "ft": FTSettings(**{**ftc.__dict__, "e2e_epochs": 0})})
+    run_killed_after_one_layer(cfg_b, monkeypatch)
+    assert ckpt.layer_done(cfg_b.output_dir, 0) and not ckpt.layer_done(cfg_b.output_dir, 1)
+    assert os.path.exists(os.path.join(cfg_b.output_dir, "ft_acts", "acts_001.npy"))
+    quantize_model(cfg_b, log=lambda *a: None)
+    for i in range(SPEC.num_layers):
+        ga, na, _ = ckpt.load_layer(out, i)
+        gb, nb, _ = ckpt.load_layer(cfg_b.output_dir, i)
+        for name in ga:
+            for f in ("codes", "SU", "SV"):
+                np.testing.assert_array_equal(np.asarray(getattr(ga[name].ql, f)),
+                                              np.asarray(getattr(gb[name].ql, f)))
+        for k in na:
+            np.testing.assert_array_equal(na[k], nb[k])
+
+    # the e2e override is what the reloaded model uses
+    meta = ckpt.read_meta(out)
+    with_e2e = build_quantized_model(out, meta, jnp.float32)
+    without = build_quantized_model(cfg_b.output_dir, ckpt.read_meta(cfg_b.output_dir), jnp.float32)
+    # ... and it is closer to the FP model on held-out windows (the c4 evaluation text)
+    src = loaders.open_checkpoint(path)
+    fp = loaders.load_model(src, jnp.float32)
+    tok = jnp.asarray(data.eval_windows(src.tokenizer, "c4", 64)[:4])
+
+    def kl(model):
+        lp = jax.nn.log_softmax(evaluate.forward_logits(fp, tok), -1)
+        lq = jax.nn.log_softmax(evaluate.forward_logits(model, tok), -1)
+        return float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1)))
+    assert kl(with_e2e) < kl(without)
+
+    # changing only the e2e settings redoes just the end-to-end stage
+    cfg_c = RunConfig(**{**cfg.__dict__, "evaluate": False,
+                         "ft": FTSettings(**{**ftc.__dict__, "e2e_epochs": 1})})
+    quantize_model(cfg_c, log=lambda *a: None)
+    assert len(json.load(open(os.path.join(out, "e2e.json")))["curve"]) <= 2
+    np.testing.assert_array_equal(np.asarray(ckpt.load_layer(out, 0)[0]["qkv"].ql.SU),
+                                  np.asarray(g["qkv"].ql.SU))
