@@ -33,7 +33,8 @@ from quipjax import rht as _rht
 from quipjax.models.adapter import get_path, set_path
 
 __all__ = ["Frozen", "TunableQuantLinear", "attach_tunable", "detach_tunable", "TuneConfig",
-           "make_optimizer", "susv_labels", "tune", "block_mse", "distill_kl", "model_forward"]
+           "make_optimizer", "susv_labels", "tune", "block_mse", "distill_kl", "model_forward",
+           "model_hidden"]
 
 SUSV = ("su", "sv")
 
@@ -144,9 +145,9 @@ def block_mse(block, batch) -> jax.Array:
     return jnp.mean(jnp.square(out - y))
 
 
-def model_forward(model, tokens, remat: bool = True) -> jax.Array:
-    """Logits (B, T, vocab) float32 of a `Llama`, each block rematerialized in the backward
-    pass (memory: one block's activations plus the block inputs)."""
+def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
+    """Last hidden states (B, T, d) float32 of a `Llama` (before the final norm), each block
+    rematerialized in the backward pass (memory: one block's activations plus block inputs)."""
     pos = jnp.arange(tokens.shape[1])
     x = model.embed(tokens)
     for layer in model.layers:
@@ -155,16 +156,31 @@ def model_forward(model, tokens, remat: bool = True) -> jax.Array:
             x = jax.checkpoint(lambda s, h, gdef=gdef: nnx.merge(gdef, s)(h, pos))(state, x)
         else:
             x = layer(x, pos)
-    return model.head(x)
+    return x
 
 
-def distill_kl(model, batch) -> jax.Array:
+def model_forward(model, tokens, remat: bool = True) -> jax.Array:
+    """Logits (B, T, vocab) float32 of a `Llama` (see `model_hidden`)."""
+    return model.head(model_hidden(model, tokens, remat))
+
+
+def distill_kl(model, batch, chunk: int = 128) -> jax.Array:
     """Mean over tokens of KL(p_fp || p_model). batch = (tokens (B, T), teacher log-probs
     (B, T, V) float32). Same gradient as the official soft cross-entropy, but 0 at a perfect
-    student, so its value reads directly."""
+    student, so its value reads directly. The head and the loss run over `chunk` positions
+    at a time, rematerialized, so only (B, chunk, V) logits are live at once."""
     tokens, logp_fp = batch
-    logq = jax.nn.log_softmax(model_forward(model, tokens), -1)
-    return jnp.mean(jnp.sum(jnp.exp(logp_fp) * (logp_fp - logq), -1))
+    B, T = tokens.shape
+    h = model_hidden(model, tokens)
+    gdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def part(state, h_c, lp_c):
+        logq = jax.nn.log_softmax(nnx.merge(gdef, state).head(h_c), -1)
+        return jnp.sum(jnp.exp(lp_c) * (lp_c - logq))
+
+    total = sum(part(state, h[:, s:s + chunk], logp_fp[:, s:s + chunk]) for s in range(0, T, chunk))
+    return total / (B * T)
 
 
 def tune(module, loss_fn: Callable, train_batches: Callable[[int], Iterable],
