@@ -59,12 +59,13 @@ def test_hadamard_matrix_orthonormal_small(n):
 
 @pytest.mark.parametrize("n", REAL_DIMS_DENSE)
 def test_real_dims_dense_orthonormal(n):
-    m = hadamard.hadamard_matrix(n)
-    err = jnp.max(jnp.abs(jnp.dot(m, m.T, precision="highest") - jnp.eye(n)))
-    assert float(err) < 1e-5
+    # products in float64 NumPy: XLA:CPU's float32 dot sums 1536 terms with ~1e-5 error on
+    # some CPUs (AVX2 Zen 2), which would test the dot, not the matrix
+    m = np.asarray(hadamard.hadamard_matrix(n), np.float64)
+    assert np.abs(m @ m.T - np.eye(n)).max() < 1e-6
     x = jax.random.normal(jax.random.key(n), (3, n))
     fast = hadamard.hadamard_transform(x)
-    np.testing.assert_allclose(fast, jnp.dot(x, m.T, precision="highest"), atol=2e-5)
+    np.testing.assert_allclose(fast, np.asarray(x, np.float64) @ m.T, atol=2e-5)
 
 
 @pytest.mark.parametrize("n", REAL_DIMS_LARGE)
@@ -77,8 +78,8 @@ def test_real_dims_large_orthonormal(n):
     e = jnp.zeros((n, 64)).at[cols, jnp.arange(64)].set(1.0)
     mc = hadamard.hadamard_transform(e, axis=0)
     np.testing.assert_allclose(np.abs(np.asarray(mc)), 1 / np.sqrt(n), rtol=1e-5)
-    gram = jnp.dot(mc.T, mc, precision="highest")
-    assert float(jnp.max(jnp.abs(gram - jnp.eye(64)))) < 1e-5
+    mc = np.asarray(mc, np.float64)
+    assert np.abs(mc.T @ mc - np.eye(64)).max() < 1e-5
     x = jax.random.normal(jax.random.key(1), (2, n))
     back = hadamard.hadamard_transform(hadamard.hadamard_transform(x), transpose=True)
     assert float(jnp.max(jnp.abs(back - x))) < 1e-5
@@ -117,8 +118,8 @@ def test_unknown_order_raises():
 def test_rfft_fallback_orthogonal_dense(n):
     r = rht.Rotation("rfft", n)
     m = r.matrix()
-    err = jnp.max(jnp.abs(jnp.dot(m, m.T, precision="highest") - jnp.eye(n)))
-    assert float(err) < 1e-5
+    m64 = np.asarray(m, np.float64)
+    assert np.abs(m64 @ m64.T - np.eye(n)).max() < 1e-5
     # transpose is the inverse, and the entries are bounded by sqrt(2/n)
     x = jax.random.normal(jax.random.key(0), (4, n))
     np.testing.assert_allclose(r.apply(r.apply(x), transpose=True), x, atol=1e-5)
@@ -132,8 +133,8 @@ def test_rfft_fallback_orthogonal_10920():
     cols = np.random.default_rng(0).choice(n, 96, replace=False)
     e = jnp.zeros((n, 96)).at[cols, jnp.arange(96)].set(1.0)
     mc = r.apply(e, axis=0)
-    gram = jnp.dot(mc.T, mc, precision="highest")
-    assert float(jnp.max(jnp.abs(gram - jnp.eye(96)))) < 1e-5
+    mc = np.asarray(mc, np.float64)
+    assert np.abs(mc.T @ mc - np.eye(96)).max() < 1e-5
     x = jax.random.normal(jax.random.key(2), (3, n))
     np.testing.assert_allclose(jnp.linalg.norm(r.apply(x), axis=1), jnp.linalg.norm(x, axis=1),
                                rtol=1e-5)

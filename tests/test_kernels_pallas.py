@@ -1,0 +1,112 @@
+"""Pallas decode-matmul kernels: interpret-mode results equal the XLA reference, and every
+kernel configuration lowers for CUDA (Triton) through jax.export on this CPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quipjax import kernels
+from quipjax.kernels import pallas_e8p
+
+CODEBOOKS = ["E8P12", "E8P12RVQ4B", "E8P12RVQ3B"]
+
+
+def random_codes(rng, codebook, m, n):
+    kc = n // 8
+    if codebook == "E8P12":
+        return jnp.asarray(rng.integers(0, 1 << 16, (m, kc)).astype(np.uint16))
+    c = rng.integers(0, 1 << 16, (m, kc, 2))
+    if codebook == "E8P12RVQ3B":              # E81B stage: indices 0..255
+        c[..., 1] = rng.integers(0, 256, (m, kc))
+    return jnp.asarray(c.astype(np.uint16))
+
+
+@pytest.mark.parametrize("codebook", CODEBOOKS)
+@pytest.mark.parametrize("m,n,batch,dtype", [
+    (576, 1536, (1,), jnp.bfloat16),      # SmolLM2 gate/up-sized, matvec
+    (96, 576, (3,), jnp.float16),         # rows not a multiple of 64, n/8 = 72 (BK 16, padded)
+    (40, 200, (), jnp.float32),           # nothing a multiple of any block; unbatched x
+    (128, 1536, (2, 10), jnp.bfloat16),   # 20 rows of x: two 16-row chunks
+])
+def test_interpret_equals_reference(codebook, m, n, batch, dtype):
+    rng = np.random.default_rng(hash((codebook, m, n)) % 2**32)
+    codes = random_codes(rng, codebook, m, n)
+    x = jnp.asarray(rng.standard_normal(batch + (n,)), dtype)
+    f = jax.jit(lambda x, c: kernels.decode_matmul(x, c, codebook, backend="pallas_interpret"))
+    y = f(x, codes)
+    ref = kernels.reference_decode_matmul(x.astype(jnp.float32), codes, codebook)
+    assert y.shape == batch + (m,) and y.dtype == jnp.float32
+    # Products are exact (E8P values are k/4; the RVQ stage-2 scale is applied once, in f32),
+    # so only the float32 summation order differs.
+    scale = float(jnp.max(jnp.abs(ref)))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=2e-6 * scale)
+
+
+def test_prepared_layout_and_padding():
+    rng = np.random.default_rng(1)
+    codes = random_codes(rng, "E8P12RVQ4B", 100, 576)
+    p = kernels.prepare(codes, "E8P12RVQ4B", backend="pallas_interpret")
+    assert p.shape == (100, 576) and p.backend == "pallas_interpret"
+    c1, c2 = p.arrays["c1"], p.arrays["c2"]
+    assert c1.dtype == jnp.uint16 and c1.shape == (128, 80)          # rows to 64, 72 codes to 80
+    np.testing.assert_array_equal(np.asarray(c1[:100, :72]), np.asarray(codes[..., 0]))
+    np.testing.assert_array_equal(np.asarray(c2[:100, :72]), np.asarray(codes[..., 1]))
+    assert not np.asarray(c1[100:]).any() and not np.asarray(c1[:, 72:]).any()
+    # vmap over inputs through the prepared pytree
+    x = jnp.asarray(rng.standard_normal((2, 3, 576)), jnp.float32)
+    y = jax.vmap(lambda xx: kernels.prepared_matmul(xx, p))(x)
+    ref = kernels.reference_decode_matmul(x, codes, "E8P12RVQ4B")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=2e-6 * float(jnp.abs(ref).max()))
+
+
+def test_block_choices():
+    # K step: the power of two in {64, 32, 16} that pads the least (ties: larger)
+    assert pallas_e8p._block_k(512) == 64 and pallas_e8p._block_k(1376) == 32
+    assert pallas_e8p._block_k(72) == 16 and pallas_e8p._block_k(192) == 64
+    cfg = pallas_e8p.kernel_configs(576, 1536, 1)
+    # enough programs for two waves of an H100, none of them empty
+    assert (cfg["mp"] // cfg["bm"]) * cfg["splits"] >= min(2 * pallas_e8p.H100_SMS,
+                                                           (cfg["mp"] // cfg["bm"]) * cfg["nk"])
+    assert (cfg["splits"] - 1) * cfg["ks"] < cfg["nk"] <= cfg["splits"] * cfg["ks"]
+
+
+def test_every_kernel_configuration_lowers_for_cuda():
+    targets = pallas_e8p.export_targets()
+    # 3 codebooks x 3 shapes x batch 1 / 16 x bf16 / fp16
+    assert len(targets) == 36
+    for name, fn, args in targets:
+        exp = jax.export.export(
+            fn, platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
+        text = exp.mlir_module()
+        assert text.count("__gpu$xla.gpu.triton") == 1, name
+        assert exp.platforms == ("cuda",)
+
+
+def test_dispatcher():
+    assert kernels.pick_backend("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError, match="unknown decode-matmul backend"):
+        kernels.pick_backend("cuda")
+    codes = random_codes(np.random.default_rng(2), "E8P12", 16, 64)
+    with pytest.raises(ValueError, match="last dimension 32"):
+        kernels.decode_matmul(jnp.zeros((2, 32)), codes, "E8P12", backend="pallas_interpret")
+    with pytest.raises(ValueError, match="codes must have shape"):
+        kernels.decode_matmul(jnp.zeros((2, 64)), codes[..., None], "E8P12")
+    # codebooks without a kernel (the scalar grids) take the reference path on any backend
+    p = kernels.prepare(jnp.zeros((4, 16), jnp.uint8), "HI2", backend="pallas")
+    assert p.backend == "reference"
+
+
+@pytest.mark.parametrize("codebook", CODEBOOKS)
+def test_quantized_linear_apply_through_kernel(codebook):
+    from quipjax.quantize import quantize_linear
+    rng = np.random.default_rng(3)
+    m, n = 64, 576
+    W = rng.standard_normal((m, n)).astype(np.float32)
+    X = rng.standard_normal((4 * n, n)).astype(np.float32)
+    ql = quantize_linear(W, X.T @ X / len(X), codebook=codebook, key=jax.random.key(0))
+    x = jnp.asarray(rng.standard_normal((3, n)), jnp.float32)
+    y = ql.apply(x, backend="pallas_interpret")
+    ref = x @ ql.dequantize().T
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=2e-5 * float(jnp.abs(ref).max()))
