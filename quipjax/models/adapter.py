@@ -52,7 +52,9 @@ LLAMA = ModelAdapter(
     groups=(
         LinearGroup("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         LinearGroup("o", ("self_attn.o_proj",)),
-        LinearGroup("up", ("mlp.gate_proj", "mlp.up_proj")),
+        # (up, gate): the official fused upgate_proj row order, so that checkpoints export to
+        # quip-sharp (rows cannot be reordered after the RHT; quipjax.formats.quipsharp)
+        LinearGroup("up", ("mlp.up_proj", "mlp.gate_proj")),
         LinearGroup("down", ("mlp.down_proj",)),
     ),
 )
