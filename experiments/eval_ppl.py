@@ -3,6 +3,7 @@
     python experiments/eval_ppl.py --dataset=wiki                      # the shipped SmolLM2, FP
     python experiments/eval_ppl.py --checkpoint=runs/smollm2_135m_2bit --dataset=c4
     python experiments/eval_ppl.py --model=/path/to/hf_folder --text_file=my.txt
+    python experiments/eval_ppl.py --checkpoint=runs/llama2_70b_2bit --mesh=data:2,model:4
 
 The last line of standard output is one JSON object {"ppl": .., "tokens": ..}.
 """
@@ -31,20 +32,30 @@ flags.DEFINE_string("text_file", None, "Evaluate on this text instead.")
 flags.DEFINE_integer("ctx_size", 2048, "Tokens per window.")
 flags.DEFINE_integer("max_windows", 24, "Use at most this many windows (protocol: 24).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights/matmul input dtype.")
+flags.DEFINE_string("mesh", None, "Devices: 'data:8' (windows split over 8 devices) or "
+                    "'data:2,model:4' (weights also sharded over 4: a model larger than one "
+                    "device); same perplexity as one device. Default: one device.")
+flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU; 0: the real ones.")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if FLAGS.cpu_devices:
+        import jax
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    from quipjax import sharding
+    mesh = sharding.parse_mesh(FLAGS.mesh)
     if FLAGS.checkpoint:
         meta = ckpt.read_meta(FLAGS.checkpoint)
         tok = (open_checkpoint(FLAGS.model).tokenizer if FLAGS.model
                else tokenizer_from_ref(meta["tokenizer"]))
-        model = build_quantized_model(FLAGS.checkpoint, meta, DTYPES[FLAGS.dtype])
+        model = build_quantized_model(FLAGS.checkpoint, meta, DTYPES[FLAGS.dtype], mesh=mesh)
     else:
         src = open_checkpoint(FLAGS.model)
         tok = src.tokenizer
-        model = load_model(src, DTYPES[FLAGS.dtype])
+        model = (load_model(src, DTYPES[FLAGS.dtype]) if mesh is None
+                 else sharding.load_model_sharded(src, DTYPES[FLAGS.dtype], mesh))
     if FLAGS.text_file:
         with open(FLAGS.text_file, encoding="utf-8") as f:
             windows = data.text_windows(tok, f.read(), FLAGS.ctx_size, FLAGS.max_windows,
@@ -53,9 +64,10 @@ def main(argv):
     else:
         windows = data.eval_windows(tok, FLAGS.dataset, FLAGS.ctx_size)[:FLAGS.max_windows]
         name = FLAGS.dataset
-    r = _ppl(model, windows, f"ppl {name}")
+    r = _ppl(model, windows, f"ppl {name}", mesh)
     print(f"{name}: perplexity {r['ppl']:.4f} over {r['tokens']} predicted tokens "
-          f"({len(windows)} windows of {FLAGS.ctx_size}), {r['seconds']:.1f} s")
+          f"({len(windows)} windows of {FLAGS.ctx_size}), {r['seconds']:.1f} s, "
+          f"{sharding.describe(mesh)}")
     print(json.dumps({"ppl": r["ppl"], "tokens": r["tokens"]}))
 
 

@@ -52,7 +52,15 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights/matmul 
                   "of the forward passes (accumulation is always float32).")
 flags.DEFINE_string("hessian_dir", None, "Where Hessians are stored and reused. Default: a "
                     "cache directory keyed by model and calibration settings.")
-flags.DEFINE_integer("batch_size", 1, "Windows per forward pass.")
+flags.DEFINE_integer("batch_size", 1, "Windows per forward pass (of each device).")
+flags.DEFINE_string("mesh", None, "Devices to use: 'data:8' (windows and matrices split over 8 "
+                    "devices) or 'data:2,model:4' (weights also sharded over 4); the sizes "
+                    "multiply to the device count. Same codes and perplexity as one device. "
+                    "Default: one device.")
+flags.DEFINE_integer("hessian_shards", 8, "Accumulator slots of Hessian collection (a multiple "
+                     "of the device count; the Hessians depend on it, not on --mesh).")
+flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU (testing --mesh "
+                     "without GPUs); 0: the real devices.")
 flags.DEFINE_boolean("overwrite", False, "Replace an --output_dir holding a run with other settings.")
 # in-block fine-tuning (QuIP# section 3); defaults are the paper's
 flags.DEFINE_integer("ft_epochs", 0, "In-block fine-tuning epochs after each of the qkv, o and "
@@ -90,6 +98,9 @@ flags.DEFINE_boolean("eval_before_e2e", True, "Also measure perplexity between t
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if FLAGS.cpu_devices:
+        import jax
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     out = FLAGS.output_dir or os.path.join(
         "runs", f"{os.path.basename(FLAGS.model or 'smollm2_135m').split('.')[0]}_{FLAGS.codebook}")
     cfg = RunConfig(
@@ -101,6 +112,7 @@ def main(argv):
         eval_datasets=tuple(FLAGS.eval_datasets), text_file=FLAGS.text_file, evaluate=FLAGS.eval,
         dtype=FLAGS.dtype, hessian_dir=FLAGS.hessian_dir, batch_size=FLAGS.batch_size,
         overwrite=FLAGS.overwrite, eval_before_e2e=FLAGS.eval_before_e2e,
+        mesh=FLAGS.mesh, hessian_shards=FLAGS.hessian_shards,
         ft=FTSettings(epochs=FLAGS.ft_epochs, lr=FLAGS.ft_lr, susv_lr=FLAGS.ft_susv_lr,
                       bs=FLAGS.ft_bs, update_freq=FLAGS.ft_update_freq,
                       train_size=FLAGS.ft_train_size, valid_size=FLAGS.ft_valid_size,

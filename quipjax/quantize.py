@@ -74,12 +74,14 @@ class QuantizedLinear:
         return _rht.incoherence_inverse(self.decode_rotated(), self.SU, self.SV,
                                         rotations=(rot_m, rot_n))
 
-    def apply(self, x: jax.Array) -> jax.Array:
+    def apply(self, x: jax.Array, backend: str = "auto") -> jax.Array:
         """x (..., n) -> x @ What^T (..., m), float32, without forming What.
 
-        Rotates x (cost O(n log n) per row), multiplies by the decoded codes in the rotated
-        basis, rotates back. (The fast decode kernels are `quipjax.kernels`.)
+        Rotates x (cost O(n log n) per row), multiplies by the codes in the rotated basis with
+        a decode-matmul kernel (`quipjax.kernels`: Pallas on GPU, the XLA path elsewhere;
+        `backend` picks one), rotates back.
         """
+        from quipjax import kernels as _kernels   # kernels import codebooks; keep this module light
         rot_m, rot_n = self.rotations
         m, n = self.shape
         x = jnp.asarray(x, jnp.float32)
@@ -87,7 +89,7 @@ class QuantizedLinear:
             raise ValueError(f"QuantizedLinear of shape {self.shape} applied to inputs with "
                              f"last dimension {x.shape[-1]}")
         t = rot_n.apply(x * self.SU, axis=-1, transpose=True)          # M_n^T diag(SU) x
-        y = jnp.einsum("...n,mn->...m", t, self.decode_rotated(), precision=_HI)
+        y = _kernels.decode_matmul(t, self.codes, self.codebook, backend=backend)
         return rot_m.apply(y, axis=-1) * self.SV                        # diag(SV) M_m (.)
 
     def bits(self) -> dict:
@@ -140,6 +142,18 @@ def _check_inputs(W, H, cb):
     if mean_diag <= 0:
         raise ValueError("H has a non-positive mean diagonal: it is not the second moment of "
                          "any inputs (all-zero calibration activations?)")
+
+
+def _check_settings(cb, scale, sigma_reg, rounding) -> float:
+    """The scale rho to use (the codebook's default when None); errors for bad settings."""
+    rho = cb.default_scale if scale is None else float(scale)
+    if not (rho > 0 and np.isfinite(rho)):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    if sigma_reg < 0:
+        raise ValueError(f"sigma_reg must be >= 0, got {sigma_reg}")
+    if rounding not in ("ldlq", "nearest"):
+        raise ValueError(f"rounding must be 'ldlq' or 'nearest', got {rounding!r}")
+    return rho
 
 
 @functools.partial(jax.jit, static_argnames=("rotations",))
@@ -197,13 +211,7 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
     H = jnp.asarray(H, jnp.float32)
     _check_inputs(W, H, cb)
     m, n = W.shape
-    rho = cb.default_scale if scale is None else float(scale)
-    if not (rho > 0 and np.isfinite(rho)):
-        raise ValueError(f"scale must be a positive number, got {scale}")
-    if sigma_reg < 0:
-        raise ValueError(f"sigma_reg must be >= 0, got {sigma_reg}")
-    if rounding not in ("ldlq", "nearest"):
-        raise ValueError(f"rounding must be 'ldlq' or 'nearest', got {rounding!r}")
+    rho = _check_settings(cb, scale, sigma_reg, rounding)
     rotations = (_rht.rotation(m, rotation), _rht.rotation(n, rotation))
     Ws, Hr, SU, SV, wscale = _rotate_and_scale(W, H, key, jnp.float32(sigma_reg),
                                                jnp.float32(rho), rotations)

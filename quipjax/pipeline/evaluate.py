@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["run_block", "embed", "nll_sum", "perplexity", "forward_logits"]
+__all__ = ["run_block", "embed", "nll_sum", "nll_sum_fn", "perplexity", "forward_logits"]
 
 
 @nnx.jit
@@ -29,13 +29,16 @@ def embed(model, tokens):
     return model.embed(tokens)
 
 
-@nnx.jit
-def nll_sum(model, x, tokens):
-    """Sum of -log p(tokens[:, t+1] | ...) over t, from the last hidden states x (B, T, d)."""
+def nll_sum_fn(model, x, tokens):
+    """Sum of -log p(tokens[:, t+1] | ...) over t, from the last hidden states x (B, T, d).
+    (`model` needs only `.head`.)"""
     logits = model.head(x[:, :-1])
     logz = jax.nn.logsumexp(logits, -1)
     tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
     return jnp.sum(logz - tgt)
+
+
+nll_sum = nnx.jit(nll_sum_fn)
 
 
 @nnx.jit
@@ -52,8 +55,15 @@ def forward_logits(model, tokens, blocks: Optional[Iterable] = None) -> jax.Arra
 
 
 def perplexity(model, windows: np.ndarray, *, batch: int = 1, progress: Optional[Callable] = None,
-               blocks: Optional[Iterable] = None) -> dict:
-    """{"ppl", "tokens", "seconds"} over windows (k, T) int32 (T - 1 predictions each)."""
+               blocks: Optional[Iterable] = None, mesh=None) -> dict:
+    """{"ppl", "tokens", "seconds"} over windows (k, T) int32 (T - 1 predictions each).
+
+    mesh: split the windows over the devices of a `jax.sharding.Mesh` (`batch` windows per
+    device) with the weights placed by `quipjax.sharding.RULES`; same value as without."""
+    if mesh is not None:
+        from quipjax import sharding
+        return sharding.perplexity(model, windows, mesh, batch=batch, progress=progress,
+                                   blocks=blocks)
     windows = np.asarray(windows, np.int32)
     total, count = 0.0, 0
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from quipjax import finetune as ft
 from quipjax import hessian as _hessian
 from quipjax import ldlq as _ldlq
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
-from quipjax.models.llama import Linear, Llama, LlamaSpec
+from quipjax.models.llama import Block, Linear, Llama, LlamaSpec
 from quipjax.models.loaders import CheckpointSource, load_block, load_model
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import hessians
@@ -98,7 +98,7 @@ def _proxy(W_members, scales, group, H, sigma_reg) -> float:
 
 def quantize_layer(block, hess: dict, settings: QuantSettings, layer: int,
                    ft_cfg: Optional[FTSettings] = None, data=None, adapter: ModelAdapter = LLAMA,
-                   log: Optional[Callable] = None):
+                   log: Optional[Callable] = None, mesh=None):
     """Quantize one block group by group, tuning in between when `ft_cfg.epochs` > 0.
 
     Args:
@@ -107,6 +107,8 @@ def quantize_layer(block, hess: dict, settings: QuantSettings, layer: int,
       hess: {group name: H (n, n)} FP Hessians of the block.
       data: (train_batches(epoch, stage), valid_batches()) for `finetune.block_mse`; needed
         when tuning.
+      mesh: a `jax.sharding.Mesh`: the block's variables are placed by
+        `quipjax.sharding.RULES` for tuning (pass batches placed with `sharding.put_batch`).
     Returns:
       (groups {name: QuantizedGroup}, info {"proxy": {name: loss}, "curves": {name: [...]}}).
     """
@@ -121,6 +123,9 @@ def quantize_layer(block, hess: dict, settings: QuantSettings, layer: int,
         groups[g.name] = qg
         if tuning:
             ft.attach_tunable(block, qg, cdt)
+            if mesh is not None:
+                from quipjax import sharding
+                sharding.shard_module(block, mesh)
             if gi < len(adapter.groups) - 1:
                 train_b, valid_b = data
                 tc = ft.TuneConfig(epochs=ft_cfg.epochs, lr=ft_cfg.lr, susv_lr=ft_cfg.susv_lr,
@@ -140,14 +145,18 @@ def quantize_layer(block, hess: dict, settings: QuantSettings, layer: int,
 class _Windows:
     """Batches of (FP inputs, FP outputs) of one block from two activation files."""
 
-    def __init__(self, x_file, y_file, n_train, bs, seed, layer):
+    def __init__(self, x_file, y_file, n_train, bs, seed, layer, mesh=None):
         self.x, self.y = x_file, y_file
         self.n_train, self.bs, self.seed, self.layer = n_train, bs, seed, layer
         self.n = x_file.shape[0]
+        self.mesh = mesh
 
     def _batch(self, idx):
         x = np.stack([self.x.read(i, i + 1)[0] for i in idx])
         y = np.stack([self.y.read(i, i + 1)[0] for i in idx])
+        if self.mesh is not None:                 # the windows split over the devices
+            from quipjax import sharding
+            return sharding.put_batch((x, y), self.mesh)
         return jnp.asarray(x), jnp.asarray(y)
 
     def train(self, epoch, stage):
@@ -167,11 +176,15 @@ def _acts(work, i):
 
 def quantize_layers(src: CheckpointSource, out: str, hdir: str, settings: QuantSettings,
                     ft_cfg: FTSettings, windows: np.ndarray, *, adapter: ModelAdapter = LLAMA,
-                    progress: Optional[Callable] = None, log: Optional[Callable] = None) -> None:
+                    progress: Optional[Callable] = None, log: Optional[Callable] = None,
+                    mesh=None) -> None:
     """Quantize (and in-block tune) every unfinished layer of the checkpoint in `out`.
 
     windows: (train + valid, ctx) int32 fine-tuning windows (unused without tuning).
-    progress(layer, info) after each saved layer.
+    progress(layer, info) after each saved layer. mesh: a `jax.sharding.Mesh`; without
+    tuning, the groups of several layers are quantized in parallel, one matrix per device
+    (`sharding.quantize_layers_distributed`, same codes); with tuning, the layers stay
+    sequential and the tuning batches are split over the devices.
     """
     spec = src.spec
     L = spec.num_layers
@@ -179,6 +192,11 @@ def quantize_layers(src: CheckpointSource, out: str, hdir: str, settings: QuantS
     if not todo:
         return
     tuning = ft_cfg.epochs > 0
+    if mesh is not None and not tuning:
+        from quipjax import sharding
+        sharding.quantize_layers_distributed(src, out, hdir, settings, mesh, adapter=adapter,
+                                             progress=progress, log=log)
+        return
     cdt = _cdt(ft_cfg.compute_dtype)
     work = os.path.join(out, "ft_acts")
     if tuning:
@@ -190,7 +208,7 @@ def quantize_layers(src: CheckpointSource, out: str, hdir: str, settings: QuantS
             for j in range(first):
                 blk = load_block(src, j, jnp.float32)
                 _set_compute_dtype(blk, cdt)
-                _fp_outputs(blk, hessians._ActFile(_acts(work, j)), _acts(work, j + 1))
+                _fp_outputs(blk, hessians._ActFile(_acts(work, j)), _acts(work, j + 1), mesh)
                 os.remove(_acts(work, j))
     for i in todo:
         t0 = time.perf_counter()
@@ -203,10 +221,14 @@ def quantize_layers(src: CheckpointSource, out: str, hdir: str, settings: QuantS
             if xf.shape[:2] != windows.shape:
                 raise ValueError(f"{work} holds activations for other fine-tuning windows: "
                                  "delete it and rerun")
-            yf = _fp_outputs(block, xf, _acts(work, i + 1))
-            w = _Windows(xf, yf, ft_cfg.train_size, ft_cfg.bs, settings.seed, i)
+            yf = _fp_outputs(block, xf, _acts(work, i + 1), mesh)
+            w = _Windows(xf, yf, ft_cfg.train_size, ft_cfg.bs, settings.seed, i, mesh)
             data = (w.train, w.valid)
-        groups, info = quantize_layer(block, hess, settings, i, ft_cfg, data, adapter, log)
+            if mesh is not None:
+                from quipjax import sharding
+                sharding.shard_module(block, mesh)
+        groups, info = quantize_layer(block, hess, settings, i, ft_cfg, data, adapter, log,
+                                      mesh=mesh)
         info["seconds"] = time.perf_counter() - t0
         ckpt.save_layer(out, i, groups, block_fp_params(block, adapter), info)
         if tuning:
@@ -224,12 +246,22 @@ def _block_fwd(block, x):
     return block(x, jnp.arange(x.shape[1]))
 
 
-def _fp_outputs(block, xf, path):
-    """Run the FP block over every window of xf; write the outputs to `path` (atomically)."""
+def _fp_outputs(block, xf, path, mesh=None):
+    """Run the FP block over every window of xf; write the outputs to `path` (atomically).
+    mesh: the windows split over its devices (one each; the same outputs)."""
     if os.path.exists(path):
         return hessians._ActFile(path)
     tmp = path + ".tmp.npy"
     yf = hessians._ActFile(tmp, xf.shape)
+    if mesh is not None:
+        from quipjax import sharding
+        D, N = mesh.size, xf.shape[0]
+        for b in range(0, N, D):
+            x = np.zeros((D,) + xf.shape[1:], np.float32)
+            x[:min(D, N - b)] = xf.read(b, min(b + D, N))
+            yf.write(b, np.asarray(sharding.block_forward(block, x, mesh))[:min(D, N - b)])
+        os.replace(tmp, path)
+        return hessians._ActFile(path)
     for b in range(xf.shape[0]):
         yf.write(b, np.asarray(_block_fwd(block, jnp.asarray(xf.read(b, b + 1)))))
     os.replace(tmp, path)
@@ -239,46 +271,67 @@ def _fp_outputs(block, xf, path):
 # ---------------------------------------------------------------- end to end
 
 def tunable_model(ckpt_dir: str, meta: dict, compute_dtype=jnp.bfloat16,
-                  adapter: ModelAdapter = LLAMA, head_dtype=None) -> tuple:
+                  adapter: ModelAdapter = LLAMA, head_dtype=None, mesh=None) -> tuple:
     """A Llama whose quantized linears are `TunableQuantLinear`s (float32 norms; embeddings and
     lm_head stored in `head_dtype`, default compute_dtype: float32 when they train).
+    mesh: variables placed by `quipjax.sharding.RULES` block by block as they are built.
     Returns (model, {layer: {group name: QuantizedGroup}})."""
     head_dtype = head_dtype or compute_dtype
     spec = LlamaSpec.from_dict(meta["model"])
-    model = Llama(spec, jnp.float32)
     glob = ckpt.load_globals(ckpt_dir)
     e2e = ckpt.load_e2e(ckpt_dir)
     if e2e is not None:
         glob.update(e2e[1])
-    model.embed_tokens = nnx.Param(jnp.asarray(glob["embed_tokens"], head_dtype))
-    model.norm.weight[...] = jnp.asarray(glob["norm"], jnp.float32)
+    if mesh is None:
+        model = Llama(spec, jnp.float32)
+        model.embed_tokens = nnx.Param(jnp.asarray(glob["embed_tokens"], head_dtype))
+        model.norm.weight[...] = jnp.asarray(glob["norm"], jnp.float32)
+        if model.lm_head is not None:
+            model.lm_head.weight = nnx.Param(jnp.asarray(glob["lm_head"], head_dtype))
+    else:
+        from quipjax import sharding
+        model = sharding.abstract_model(spec, jnp.float32)
+        sharding.put_param(model, "embed_tokens", glob["embed_tokens"], mesh, dtype=head_dtype)
+        sharding.put_param(model.norm, "weight", glob["norm"], mesh, "norm.weight", jnp.float32)
+        if model.lm_head is not None:
+            sharding.put_param(model.lm_head, "weight", glob["lm_head"], mesh, "lm_head.weight",
+                               head_dtype)
     if model.lm_head is not None:
-        model.lm_head.weight = nnx.Param(jnp.asarray(glob["lm_head"], head_dtype))
         model.lm_head.compute_dtype = compute_dtype
     all_groups = {}
     for i in range(spec.num_layers):
         groups, norms = ckpt.load_layer_tuned(ckpt_dir, i, e2e)
-        block = model.layers[i]
+        block = model.layers[i] if mesh is None else Block(spec, jnp.float32)
         for name, v in norms.items():
             set_param(block, name, v)
         for g in groups.values():
             ft.attach_tunable(block, g, compute_dtype)
+        if mesh is not None:
+            from quipjax import sharding
+            model.layers[i] = sharding.shard_module(block, mesh)
         all_groups[i] = groups
     return model, all_groups
 
 
 def finetune_e2e(ckpt_dir: str, src: CheckpointSource, ft_cfg: FTSettings, windows: np.ndarray,
-                 *, adapter: ModelAdapter = LLAMA, log: Optional[Callable] = None) -> list:
+                 *, adapter: ModelAdapter = LLAMA, log: Optional[Callable] = None,
+                 mesh=None) -> list:
     """Tune su/sv, the norms (and the head with e2e_train_head) of the checkpoint's model to the
     FP model's next-token distribution; save the best as the checkpoint's e2e override.
 
-    windows: (e2e_train_size + e2e_valid_size, ctx) int32. Returns the curve.
+    windows: (e2e_train_size + e2e_valid_size, ctx) int32. Returns the curve. mesh: student
+    and teacher placed by `quipjax.sharding.RULES`, batches split over the devices.
     """
     meta = ckpt.read_meta(ckpt_dir)
     cdt = _cdt(ft_cfg.compute_dtype)
     model, groups = tunable_model(ckpt_dir, meta, cdt, adapter,
-                                  head_dtype=jnp.float32 if ft_cfg.e2e_train_head else cdt)
-    teacher = load_model(src, cdt)
+                                  head_dtype=jnp.float32 if ft_cfg.e2e_train_head else cdt,
+                                  mesh=mesh)
+    if mesh is None:
+        teacher = load_model(src, cdt)
+    else:
+        from quipjax import sharding
+        teacher = sharding.load_model_sharded(src, cdt, mesh)
 
     @nnx.jit
     def teacher_logp(teacher, tokens):
@@ -287,7 +340,11 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, ft_cfg: FTSettings, windo
     n_train, bs = ft_cfg.e2e_train_size, ft_cfg.e2e_bs
 
     def batch(idx):
-        tok = jnp.asarray(windows[np.asarray(list(idx))])
+        tok = windows[np.asarray(list(idx))]
+        if mesh is not None:
+            from quipjax import sharding
+            tok = sharding.put_batch(tok, mesh)
+        tok = jnp.asarray(tok)
         return tok, teacher_logp(teacher, tok)
 
     def train(epoch):

@@ -6,6 +6,11 @@ statistics live beside the model, Qwix-style), and writes its outputs, the input
 i + 1. Memory holds one block, its accumulators and one batch of activations: it does not grow
 with the number of windows (the disk files do). Each finished layer is saved atomically
 (`layer_XXX.npz`), so a killed run resumes at the first missing layer.
+
+The block steps run through `quipjax.sharding.HessianEngine`, on one device or data-parallel
+over a mesh (windows split over the devices, one psum per layer): the windows are dealt to a
+fixed number of accumulator slots (`shards`) that are combined by an exact sum, so the
+Hessians are the same bits on any mesh.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from quipjax import hessian
-from quipjax.models.adapter import LLAMA, ModelAdapter, get_path, set_path
+from quipjax.models.adapter import LLAMA, ModelAdapter
 from quipjax.models.loaders import CheckpointSource, load_block
 
 __all__ = ["HessianRecorder", "collect_hessians", "load_layer_hessians", "layer_file"]
@@ -57,14 +62,16 @@ def _save_npz(path, **arrays):
     os.replace(tmp, path)
 
 
-def load_layer_hessians(hess_dir: str, i: int) -> dict:
-    """{group name: H (n, n) float32} of layer i; a clear error when missing or truncated."""
+def load_layer_hessians(hess_dir: str, i: int, groups=None) -> dict:
+    """{group name: H (n, n) float32} of layer i (only `groups` if given); a clear error when
+    missing or truncated."""
     path = layer_file(hess_dir, i)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Hessians of layer {i} are missing ({path}): collect them first")
     try:
         with np.load(path) as z:
-            return {k[2:]: z[k] for k in z.files if k.startswith("H_")}
+            return {k[2:]: z[k] for k in z.files
+                    if k.startswith("H_") and (groups is None or k[2:] in groups)}
     except Exception as e:
         raise ValueError(f"{path} is unreadable (truncated?): delete it to recollect: {e}") from e
 
@@ -125,12 +132,18 @@ def _block_step(block, x):
 
 def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, *,
                      adapter: ModelAdapter = LLAMA, dtype=jnp.bfloat16, batch: int = 1,
-                     progress: Optional[Callable] = None) -> None:
+                     progress: Optional[Callable] = None, mesh=None,
+                     shards: Optional[int] = None) -> None:
     """Write layer_XXX.npz (H_<group>, mean_<group>, count) for every layer into hess_dir.
 
-    Reuses the layers already there (resume). windows (N, T) int32. progress(done, total) is
-    called after each batch of each layer.
+    Reuses the layers already there (resume). windows (N, T) int32. batch: windows per
+    forward pass of one device. mesh: a `jax.sharding.Mesh` (quipjax.sharding.parse_mesh) to
+    split the windows over its devices, None for one device; shards: accumulator slots
+    (default `sharding.DEFAULT_HESSIAN_SHARDS`, a multiple of the device count; the result
+    depends on it, not on the mesh). progress(layer, done, total) is called after each step.
     """
+    from quipjax import sharding
+    shards = shards or sharding.DEFAULT_HESSIAN_SHARDS
     spec = src.spec
     L = spec.num_layers
     os.makedirs(hess_dir, exist_ok=True)
@@ -146,7 +159,10 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
         start = 0
     else:
         start = first
-    n_batches = -(-len(windows) // batch)
+    N, T = windows.shape
+    D = sharding.num_devices(mesh)
+    G = D * batch                              # windows per step
+    n_steps = -(-N // G)
     for i in range(start, L):
         acts = _ActFile(_acts_file(work, i))
         if acts.shape[:2] != windows.shape:
@@ -154,32 +170,33 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
                              f"{windows.shape}: delete {work} to recollect")
         block = load_block(src, i, dtype)
         record = i in missing
-        recs = {}
-        if record:
-            for g in adapter.groups:
-                lin = get_path(block, g.members[0])
-                recs[g.name] = HessianRecorder(lin, lin.weight.shape[1])
-                set_path(block, g.members[0], recs[g.name])
+        # layers already collected still run through the same (tapped) step, so the
+        # activations do not depend on where a run resumed
+        eng = sharding.HessianEngine(block, mesh, shards, adapter)
         out_path = _acts_file(work, i + 1)
         need_out = i + 1 < L
         out = _ActFile(out_path + ".tmp.npy", acts.shape) if need_out else None
-        for bi, b in enumerate(range(0, len(windows), batch)):
-            y = _block_step(block, jnp.asarray(acts.read(b, min(b + batch, len(windows)))))
+        for t in range(n_steps):
+            b0, b1 = t * G, min((t + 1) * G, N)
+            x = np.zeros((G,) + acts.shape[1:], np.float32)
+            x[:b1 - b0] = acts.read(b0, b1)
+            mask = np.zeros((G, T), np.float32)
+            mask[:b1 - b0] = 1.0
+            y = eng.step(x, t, mask)
             if need_out:
-                out.write(b, np.asarray(y))
+                out.write(b0, np.asarray(y)[:b1 - b0])
             if progress is not None:
-                progress(i, bi + 1, n_batches)
+                progress(i, t + 1, n_steps)
         if need_out:
             os.replace(out_path + ".tmp.npy", out_path)
         if record:
             arrays = {}
-            for name, rec in recs.items():
-                st = hessian.finalize(rec.stats.get_value())
+            for name, st in eng.finalize().items():
                 arrays[f"H_{name}"] = np.asarray(st.H)
                 arrays[f"mean_{name}"] = np.asarray(st.mean)
                 arrays["count"] = np.asarray(st.count)
             _save_npz(layer_file(hess_dir, i), **arrays)
-        del acts
+        del acts, eng
         os.remove(_acts_file(work, i))
     if os.path.isdir(work) and not os.listdir(work):
         os.rmdir(work)

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
-from quipjax.models.llama import Llama, LlamaSpec
+from quipjax.models.llama import Block, Llama, LlamaSpec
 from flax import nnx
 
 from quipjax.pipeline.checkpoint import QuantizedGroup, load_e2e, load_globals, load_layer_tuned
 from quipjax.quantize import quantize_linear
 
-__all__ = ["QuantSettings", "quantize_group", "quantize_block", "assign_dequantized",
+__all__ = ["QuantSettings", "fuse_members", "quantize_group", "quantize_block", "assign_dequantized",
            "build_quantized_model", "group_key", "block_fp_params", "set_param"]
 
 
@@ -36,15 +36,21 @@ def group_key(seed: int, layer: int, group_index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), layer), group_index)
 
 
+def fuse_members(weights: list) -> tuple:
+    """(W, scales): the members' (out_i, in) matrices row-stacked, each divided by its RMS
+    (the official fused q/k/v and gate/up); one member: itself and scale 1."""
+    ws = [np.asarray(w, np.float32) for w in weights]
+    if len(ws) == 1:
+        return ws[0], np.ones((1,), np.float32)
+    scales = np.array([np.sqrt(np.mean(w.astype(np.float64) ** 2)) for w in ws], np.float32)
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    return np.concatenate([w / s for w, s in zip(ws, scales)], 0), scales
+
+
 def quantize_group(weights: list, H: np.ndarray, settings: QuantSettings, key) -> QuantizedGroup:
     """weights: the members' (out_i, in) matrices; H the shared input Hessian (in, in)."""
     ws = [np.asarray(w, np.float32) for w in weights]
-    if len(ws) == 1:
-        W, scales = ws[0], np.ones((1,), np.float32)
-    else:
-        scales = np.array([np.sqrt(np.mean(w.astype(np.float64) ** 2)) for w in ws], np.float32)
-        scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-        W = np.concatenate([w / s for w, s in zip(ws, scales)], 0)
+    W, scales = fuse_members(ws)
     ql = quantize_linear(W, H, codebook=settings.codebook, scale=settings.scale,
                          sigma_reg=settings.sigma_reg, tune_iters=settings.tune_iters, key=key,
                          rotation=settings.rotation, rounding=settings.rounding)
@@ -101,24 +107,39 @@ def assign_dequantized(block, groups: dict, dtype) -> None:
             lin.weight[...] = w.astype(dtype)
 
 
-def build_quantized_model(ckpt_dir: str, meta: dict, dtype=jnp.bfloat16) -> Llama:
-    """A Llama whose linears hold the dequantized weights of the checkpoint (in `dtype`)."""
+def build_quantized_model(ckpt_dir: str, meta: dict, dtype=jnp.bfloat16, mesh=None) -> Llama:
+    """A Llama whose linears hold the dequantized weights of the checkpoint (in `dtype`).
+
+    mesh: place every weight by `quipjax.sharding.RULES` as it is built, one block at a time
+    (a model larger than one device)."""
     spec = LlamaSpec.from_dict(meta["model"])
-    model = Llama(spec, dtype)
     glob = load_globals(ckpt_dir)
     e2e = load_e2e(ckpt_dir)          # end-to-end tuned su/sv and norms override the layers'
     if e2e is not None:
         glob.update(e2e[1])
-    model.embed_tokens[...] = jnp.asarray(glob["embed_tokens"], dtype)
-    model.norm.weight[...] = jnp.asarray(glob["norm"], jnp.float32)
-    if model.lm_head is not None:
-        model.lm_head.weight[...] = jnp.asarray(glob["lm_head"], dtype)
+    if mesh is None:
+        model = Llama(spec, dtype)
+        model.embed_tokens[...] = jnp.asarray(glob["embed_tokens"], dtype)
+        model.norm.weight[...] = jnp.asarray(glob["norm"], jnp.float32)
+        if model.lm_head is not None:
+            model.lm_head.weight[...] = jnp.asarray(glob["lm_head"], dtype)
+    else:
+        from quipjax import sharding
+        model = sharding.abstract_model(spec, dtype)
+        sharding.put_param(model, "embed_tokens", glob["embed_tokens"], mesh, dtype=dtype)
+        sharding.put_param(model.norm, "weight", glob["norm"], mesh, "norm.weight", jnp.float32)
+        if model.lm_head is not None:
+            sharding.put_param(model.lm_head, "weight", glob["lm_head"], mesh, "lm_head.weight",
+                               dtype)
     for i in range(spec.num_layers):
         groups, norms = load_layer_tuned(ckpt_dir, i, e2e)
-        block = model.layers[i]
+        block = model.layers[i] if mesh is None else Block(spec, dtype)
         for name, v in norms.items():
             set_param(block, name, v)
         assign_dequantized(block, groups, dtype)
+        if mesh is not None:
+            from quipjax import sharding
+            model.layers[i] = sharding.shard_module(block, mesh)
         missing = [m for m in meta["quantized_linears"] if not any(m in g.members for g in groups.values())]
         if missing:
             raise ValueError(f"layer {i} of {ckpt_dir} lacks {missing}")

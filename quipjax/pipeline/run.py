@@ -47,6 +47,8 @@ class RunConfig:
     overwrite: bool = False
     ft: FTSettings = FTSettings()
     eval_before_e2e: bool = True
+    mesh: Optional[str] = None            # "data:8", "data:2,model:4" (quipjax.sharding)
+    hessian_shards: int = 8               # accumulator slots of Hessian collection
 
 
 def _bar(total, desc):
@@ -66,20 +68,21 @@ def _eval_sets(tokenizer, datasets, text_file, ctx):
     return out
 
 
-def _ppl(model, windows, desc):
+def _ppl(model, windows, desc, mesh=None):
     bar = _bar(len(windows), desc)
 
     def progress(done, total, ppl):
         bar.n = done
         bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
         bar.refresh()
-    r = evaluate.perplexity(model, windows, progress=progress)
+    r = evaluate.perplexity(model, windows, progress=progress, mesh=mesh)
     bar.close()
     return r
 
 
-def fp_perplexity(src: CheckpointSource, sets: dict, dtype: str, ctx: int) -> dict:
-    """{dataset: {"ppl", "tokens"}} of the FP model, cached on disk by model, data and dtype."""
+def fp_perplexity(src: CheckpointSource, sets: dict, dtype: str, ctx: int, mesh=None) -> dict:
+    """{dataset: {"ppl", "tokens"}} of the FP model, cached on disk by model, data and dtype
+    (the mesh does not change the value)."""
     out, todo = {}, {}
     for name, w in sets.items():
         key = json.dumps({"model": src.fingerprint(), "windows": hashlib.sha256(w.tobytes()).hexdigest(),
@@ -91,9 +94,13 @@ def fp_perplexity(src: CheckpointSource, sets: dict, dtype: str, ctx: int) -> di
         else:
             todo[name] = (w, path)
     if todo:
-        model = load_model(src, DTYPES[dtype])
+        if mesh is None:
+            model = load_model(src, DTYPES[dtype])
+        else:
+            from quipjax import sharding
+            model = sharding.load_model_sharded(src, DTYPES[dtype], mesh)
         for name, (w, path) in todo.items():
-            r = _ppl(model, w, f"FP ppl {name}")
+            r = _ppl(model, w, f"FP ppl {name}", mesh)
             out[name] = {"ppl": r["ppl"], "tokens": r["tokens"]}
             with open(path + ".tmp", "w") as f:
                 json.dump(out[name], f)
@@ -108,10 +115,11 @@ def tokenizer_from_ref(ref: dict) -> Tokenizer:
     return open_checkpoint(ref["path"]).tokenizer
 
 
-def checkpoint_perplexity(ckpt_dir: str, sets: dict, dtype: str) -> dict:
+def checkpoint_perplexity(ckpt_dir: str, sets: dict, dtype: str, mesh=None) -> dict:
     meta = ckpt.read_meta(ckpt_dir)
-    model = build_quantized_model(ckpt_dir, meta, DTYPES[dtype])
-    return {name: {k: v for k, v in _ppl(model, w, f"quantized ppl {name}").items() if k != "seconds"}
+    model = build_quantized_model(ckpt_dir, meta, DTYPES[dtype], mesh=mesh)
+    return {name: {k: v for k, v in _ppl(model, w, f"quantized ppl {name}", mesh).items()
+                   if k != "seconds"}
             for name, w in sets.items()}
 
 
@@ -121,7 +129,7 @@ def _settings_meta(cfg: RunConfig, src: CheckpointSource) -> dict:
             "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
             "source": {"path": os.path.abspath(src.path), "kind": src.kind,
                        "fingerprint": src.fingerprint()},
-            "hessian_dtype": cfg.dtype}
+            "hessian_dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards}
 
 
 def _only_e2e_differs(have: dict, want: dict) -> bool:
@@ -141,8 +149,15 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     src = open_checkpoint(cfg.model)
     spec = src.spec
     tok = src.tokenizer
+    from quipjax import sharding
+    mesh = sharding.parse_mesh(cfg.mesh)
+    if cfg.hessian_shards < 1 or cfg.hessian_shards % sharding.num_devices(mesh):
+        raise ValueError(f"hessian_shards ({cfg.hessian_shards}) must be a positive multiple of "
+                         f"the number of devices ({sharding.num_devices(mesh)}); the Hessians "
+                         "depend on it (not on the mesh): keep it fixed to compare runs")
     log(f"model {src.path}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
-        f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}")
+        f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}; "
+        f"{sharding.describe(mesh)}")
     out = cfg.output_dir
     want = _settings_meta(cfg, src)
     if os.path.exists(os.path.join(out, "quipjax.json")):
@@ -171,7 +186,7 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     if cfg.evaluate:
         t = time.perf_counter()
         sets = _eval_sets(tok, cfg.eval_datasets, cfg.text_file, cfg.eval_ctx_size)
-        fp = fp_perplexity(src, sets, cfg.dtype, cfg.eval_ctx_size)
+        fp = fp_perplexity(src, sets, cfg.dtype, cfg.eval_ctx_size, mesh)
         metrics["ppl"]["fp"] = {k: v["ppl"] for k, v in fp.items()}
         metrics["tokens"] = {k: v["tokens"] for k, v in fp.items()}
         for k, v in fp.items():
@@ -183,7 +198,9 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     windows = data.calibration_windows(tok, cfg.devset_size, cfg.ctx_size, cfg.settings.seed)
     hkey = hashlib.sha256(json.dumps({"model": src.fingerprint(), "devset": cfg.devset_size,
                                       "ctx": cfg.ctx_size, "seed": cfg.settings.seed,
-                                      "dtype": cfg.dtype}, sort_keys=True).encode()).hexdigest()[:16]
+                                      "dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
+                                      "reduction": "slots-exact-v1"},
+                                     sort_keys=True).encode()).hexdigest()[:16]
     hdir = cfg.hessian_dir or os.path.join(data.cache_dir(), "hessians", hkey)
     seconds["calibration_data"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -191,14 +208,17 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     if n_missing:
         log(f"collecting Hessians of {n_missing} layers over {len(windows)} windows of "
             f"{cfg.ctx_size} tokens into {hdir}")
-        bar = _bar(spec.num_layers * -(-len(windows) // cfg.batch_size), "Hessians")
+        bar = _bar(spec.num_layers * -(-len(windows) // (cfg.batch_size
+                                                         * sharding.num_devices(mesh))),
+                   "Hessians")
 
         def hprog(layer, done, total):
             bar.n = layer * total + done
             bar.set_postfix(layer=layer, refresh=False)
             bar.refresh()
         hessians.collect_hessians(src, windows, hdir, dtype=DTYPES[cfg.dtype],
-                                  batch=cfg.batch_size, progress=hprog)
+                                  batch=cfg.batch_size, progress=hprog, mesh=mesh,
+                                  shards=cfg.hessian_shards)
         bar.close()
     else:
         log(f"reusing the Hessians in {hdir}")
@@ -226,7 +246,7 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
         bar.set_postfix(refresh=False, layer=i, **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
         bar.update(1)
     ftm.quantize_layers(src, out, hdir, cfg.settings, ftc, ft_windows, progress=qprog,
-                        log=(lambda m: bar.write(m)) if ftc.epochs else None)
+                        log=(lambda m: bar.write(m)) if ftc.epochs else None, mesh=mesh)
     bar.close()
     seconds["quantize"] = time.perf_counter() - t
 
@@ -241,12 +261,12 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     if ftc.e2e_epochs > 0 and not ckpt.e2e_done(out):
         if cfg.evaluate and cfg.eval_before_e2e and "before_e2e" not in metrics["ppl"]:
             _measure(out, sets, cfg.dtype, metrics, seconds, "before_e2e", log,
-                     "perplexity before end-to-end tuning")
+                     "perplexity before end-to-end tuning", mesh)
             _save_metrics(out, metrics)       # kept if the e2e stage is interrupted
         t = time.perf_counter()
         e2e_windows = data.calibration_windows(tok, ftc.e2e_train_size + ftc.e2e_valid_size,
                                                ftc.e2e_ctx_size, cfg.settings.seed + 2)
-        ftm.finetune_e2e(out, src, ftc, e2e_windows, log=log)
+        ftm.finetune_e2e(out, src, ftc, e2e_windows, log=log, mesh=mesh)
         seconds["e2e_finetune"] = time.perf_counter() - t
     if ftc.epochs > 0 or ftc.e2e_epochs > 0:
         from quipjax.pipeline import curves
@@ -271,18 +291,20 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     log(f"bits per weight (linears, all overheads): {metrics['bits_per_weight']:.4f}")
 
     if cfg.evaluate:
-        _measure(out, sets, cfg.dtype, metrics, seconds, "quantized", log, "quantized perplexity")
+        _measure(out, sets, cfg.dtype, metrics, seconds, "quantized", log, "quantized perplexity",
+                 mesh)
     seconds["total"] = time.perf_counter() - t_start
     metrics["seconds"] = seconds
-    metrics["settings"] = dict(want, eval_ctx_size=cfg.eval_ctx_size, dtype=cfg.dtype)
+    metrics["settings"] = dict(want, eval_ctx_size=cfg.eval_ctx_size, dtype=cfg.dtype,
+                               mesh=sharding.describe(mesh))
     _save_metrics(out, metrics)
     return metrics
 
 
-def _measure(out, sets, dtype, metrics, seconds, name, log, what):
+def _measure(out, sets, dtype, metrics, seconds, name, log, what, mesh=None):
     """Perplexity of the checkpoint in `out` on every set, into metrics["ppl"][name]."""
     t = time.perf_counter()
-    q = checkpoint_perplexity(out, sets, dtype)
+    q = checkpoint_perplexity(out, sets, dtype, mesh)
     metrics["ppl"][name] = {k: v["ppl"] for k, v in q.items()}
     for k, v in q.items():
         log(f"{what} {k}: {v['ppl']:.4f} ({v['tokens']} tokens)")
