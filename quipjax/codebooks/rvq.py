@@ -32,7 +32,8 @@ from quipjax.codebooks.e8p import E8P12, _materialize
 @functools.lru_cache(maxsize=None)
 def e81b_table() -> np.ndarray:
     """The 256 E81B codewords (256, 8) float32 in official order."""
-    ints = np.stack(np.meshgrid(*([np.arange(-4, 4)] * 8), indexing="ij"), -1).reshape(-1, 8)
+    # integer points of norm^2 <= 2 have coordinates in {-1, 0, 1}: enumerate 3^8, not 8^8
+    ints = np.stack(np.meshgrid(*([np.arange(-1, 2)] * 8), indexing="ij"), -1).reshape(-1, 8)
     ints = ints[((ints ** 2).sum(1) <= 2) & (ints.sum(1) % 2 == 0)]
     ints = ints[np.argsort(lex_keys(ints + 4, 8), kind="stable")]
     halves2 = np.stack(np.meshgrid(*([np.array([-1, 1])] * 8), indexing="ij"), -1).reshape(-1, 8)

@@ -42,7 +42,6 @@ decoder layer, `model.layers.{i}.self_attn.qkv_proj.*` (fused q, k, v),
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -545,25 +544,8 @@ class OfficialFolder:
         hd = self.spec.hidden_size // self.spec.num_heads
         if hd != self.spec.head_dim:     # the official model ignores a head_dim entry
             self.spec = dataclasses.replace(self.spec, head_dim=hd)
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-            self._where = {k: os.path.join(path, v) for k, v in wm.items()}
-        else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors in {path} (PyTorch .bin folders are "
-                                        "not read: convert them to safetensors first)")
-            from safetensors import safe_open
-            self._where = {}
-            for fn in files:
-                with safe_open(fn, framework="numpy") as h:
-                    for k in h.keys():
-                        self._where[k] = fn
-        missing = sorted({v for v in self._where.values() if not os.path.exists(v)})
-        if missing:
-            raise FileNotFoundError(f"shards of {path} are missing: {missing}")
+        from quipjax.models.loaders import safetensors_index
+        self._where = safetensors_index(path)
 
     def _check_params(self, qp: dict) -> None:
         name = self.codebook

@@ -58,10 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.codebooks import e8p as _e8p
-from quipjax.codebooks.base import lex_keys
+from quipjax.codebooks import rvq as _rvq
 
 
-__all__ = ["prepare", "matmul", "bits_per_weight", "e81b_values"]
+__all__ = ["prepare", "matmul", "bits_per_weight"]
 
 # (stage-2 kind, residual scale) of each codebook; stage 1 is always E8P.
 _STAGES = {"E8P12": (None, 1.0), "E8P12RVQ4B": ("e8p", 3.45), "E8P12RVQ3B": ("e81b", 2.04)}
@@ -80,25 +80,11 @@ def bits_per_weight(codebook_name: str) -> int:
     return 4 if _STAGES[codebook_name][0] is None else 8
 
 
-def e81b_values() -> np.ndarray:
-    """The 256 E81B codewords in official order, as `codebooks.rvq.e81b_table()` (which
-    enumerates 8^8 candidates, ~10 s), built from its description directly (tests compare)."""
-    pairs = [s1 * np.eye(8, dtype=np.int64)[i] + s2 * np.eye(8, dtype=np.int64)[j]
-             for i in range(8) for j in range(i + 1, 8) for s1 in (-1, 1) for s2 in (-1, 1)]
-    ints = np.concatenate([np.zeros((1, 8), np.int64), np.stack(pairs)])
-    ints = ints[np.argsort(lex_keys(ints + 4, 8), kind="stable")]
-    signs = 1 - 2 * ((np.arange(256)[:, None] >> np.arange(8)[::-1]) & 1)     # {-1, 1}^8
-    signs = signs[((signs.sum(1) // 2) % 2) == 0]
-    signs = signs[np.argsort(lex_keys((signs + 1) // 2, 2), kind="stable")]
-    two = np.concatenate([2 * np.eye(8), -2 * np.eye(8)[:7]])
-    return np.concatenate([ints, signs / 2, two]).astype(np.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def _packed_table(kind: str) -> np.ndarray:
     """Code -> its 8 nibbles packed in a uint32 (coordinate i in bits 4i..4i+3), (65536,) for
     E8P (256 KiB, from the official codeword table) or (256,) for E81B."""
-    vals = (_e8p.codeword_table() if kind == "e8p" else e81b_values()).astype(np.float64)
+    vals = (_e8p.codeword_table() if kind == "e8p" else _rvq.e81b_table()).astype(np.float64)
     a, b = _AFFINE[kind]
     u = np.round((vals - b) / a).astype(np.int64)
     assert u.min() >= 0 and u.max() <= 15 and np.array_equal(u * a + b, vals)

@@ -82,6 +82,31 @@ class CheckpointSource:
 
 # ---------------------------------------------------------------------------- HF folder
 
+def safetensors_index(path: str) -> dict:
+    """{tensor name: file} of a folder's safetensors: from model.safetensors.index.json when
+    present (sharded checkpoints), else from the headers of every *.safetensors file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        where = {k: os.path.join(path, v) for k, v in wm.items()}
+        missing = sorted({v for v in where.values() if not os.path.exists(v)})
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
+        return where
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path} (PyTorch .bin checkpoints "
+                                "are not read: convert them with safetensors first)")
+    from safetensors import safe_open
+    where = {}
+    for fn in files:
+        with safe_open(fn, framework="numpy") as h:
+            for k in h.keys():
+                where[k] = fn
+    return where
+
+
 class HFFolder(CheckpointSource):
     kind = "hf"
 
@@ -97,29 +122,7 @@ class HFFolder(CheckpointSource):
             with open(cfg_path) as f:
                 cfg = json.load(f)
         self.spec = LlamaSpec.from_hf(cfg)
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-            self._where = {k: os.path.join(path, v) for k, v in wm.items()}
-            missing = sorted({v for v in self._where.values() if not os.path.exists(v)})
-            if missing:
-                raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
-        else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors in {path} (PyTorch .bin checkpoints "
-                                        "are not read: convert them with safetensors first)")
-            self._where = {}
-            for f in files:
-                for k in self._keys(f):
-                    self._where[k] = f
-
-    @staticmethod
-    def _keys(f):
-        from safetensors import safe_open
-        with safe_open(f, framework="numpy") as h:
-            return list(h.keys())
+        self._where = safetensors_index(path)
 
     def names(self):
         return list(self._where)
