@@ -1,5 +1,4 @@
 """KV-cache generation and the codes-based inference model (tiny random models, fast)."""
-import importlib.util
 import re
 
 import jax
@@ -20,7 +19,6 @@ from quipjax.pipeline.quantize_model import (QuantSettings, block_fp_params,
 SPEC = llama.LlamaSpec(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
                        rms_eps=1e-5, tie_embeddings=False, eos_token_id=None)
-HAS_XLA = importlib.util.find_spec("quipjax.kernels.xla_decode") is not None
 
 
 def _fp_model(seed=0, spec=SPEC):
@@ -148,7 +146,6 @@ def test_codes_generation_equals_dequantized(tiny_ckpt):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-@pytest.mark.skipif(not HAS_XLA, reason="the xla decode-matmul backend is not there yet")
 def test_codes_generation_xla_backend(tiny_ckpt):
     path, meta = tiny_ckpt
     ref = build_inference_model(path, backend="reference", dtype=jnp.float32)
@@ -184,8 +181,6 @@ def test_fused_group_product_computed_once(tiny_ckpt):
 def test_fused_members_cost_one_group(backend, tiny_ckpt):
     """Backend-agnostic: the compiled cost of q, k and v (and up, gate) together is that of
     one product of their group, not three (XLA's cost analysis of the optimized program)."""
-    if backend == "xla" and not HAS_XLA:
-        pytest.skip("the xla decode-matmul backend is not there yet")
     path, _ = tiny_ckpt
     m = build_inference_model(path, backend=backend, dtype=jnp.float32)
     x = jnp.ones((1, 4, SPEC.hidden_size), jnp.float32)
