@@ -204,22 +204,20 @@ def bench_model():
           f"{FLAGS.model_repeats} runs")
     print("| model | batch | decode tok/s | ms / step | vs fp f32 (time) | prefill tok/s |")
     print("|---|---|---|---|---|---|")
-    rows = []
-    for b in [int(v) for v in FLAGS.model_batches]:
-        base = None
-        for name, build in builders.items():
-            model = build()
+    rows, base = [], {}
+    for name, build in builders.items():          # "fp f32" first: the base of the ratios
+        model = build()                            # each model loaded once for all batches
+        for b in [int(v) for v in FLAGS.model_batches]:
             r = gen.tokens_per_second(model, ids, FLAGS.new_tokens, batch=b,
                                       repeats=FLAGS.model_repeats)
-            del model
-            if base is None:
-                base = r["decode_ms_per_step"]
-            r = dict(r, model=name, time_vs_fp_f32=r["decode_ms_per_step"] / base)
+            base.setdefault(b, r["decode_ms_per_step"])
+            r = dict(r, model=name, time_vs_fp_f32=r["decode_ms_per_step"] / base[b])
             rows.append(r)
             print(f"| {name} | {b} | {r['decode_tokens_per_s']:.1f} | "
                   f"{r['decode_ms_per_step']:.1f} | {r['time_vs_fp_f32']:.2f} | "
                   f"{r['prefill_tokens_per_s']:.0f} |", flush=True)
-    return rows
+        del model
+    return sorted(rows, key=lambda r: r["batch"])
 
 
 def main(argv):

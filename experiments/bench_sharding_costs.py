@@ -170,7 +170,7 @@ def block_child(name, ctx, repeats):
                          if np.ndim(l) == 2)}
     # the forward alone (evaluation, fine-tuning): one window through the block
     graphdef, state = nnx.split(block)
-    fwd = jax.jit(lambda s, x: shd.block_apply(graphdef, s, x))
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, jnp.arange(x.shape[1])))
     t = time.perf_counter()
     comp = fwd.lower(state, x).compile()
     res["forward_compile_s"] = time.perf_counter() - t

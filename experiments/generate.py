@@ -78,17 +78,6 @@ def _source_path():
     return FLAGS.model
 
 
-def _gguf_field(path, key):
-    from gguf import GGUFReader
-    f = GGUFReader(path).fields.get(key)
-    if f is None:
-        return None
-    v = f.parts[f.data[0]]
-    if f.types and f.types[0].name == "STRING":
-        return bytes(v).decode("utf-8")
-    return v.tolist()[0]
-
-
 def _hf_tokenizer_config(path) -> dict:
     cfg = {}
     p = os.path.join(path, "tokenizer_config.json")
@@ -105,8 +94,8 @@ def _hf_tokenizer_config(path) -> dict:
 def _template_and_bos(src):
     """(chat template string or None, add_bos_token bool) from the source's metadata."""
     if src.kind == "gguf":
-        return (_gguf_field(src.path, "tokenizer.chat_template"),
-                bool(_gguf_field(src.path, "tokenizer.ggml.add_bos_token") or False))
+        return (src.field("tokenizer.chat_template", None),
+                bool(src.field("tokenizer.ggml.add_bos_token", False)))
     cfg = _hf_tokenizer_config(src.path)
     tmpl = cfg.get("chat_template")
     if isinstance(tmpl, list):           # named templates: take the default

@@ -24,6 +24,7 @@ from quipjax import codebooks  # noqa: E402
 from quipjax.pipeline.finetune_model import FTSettings  # noqa: E402
 from quipjax.pipeline.quantize_model import QuantSettings  # noqa: E402
 from quipjax.pipeline.run import RunConfig, quantize_model  # noqa: E402
+from quipjax.sharding import DEFAULT_HESSIAN_SHARDS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Hugging Face checkpoint folder or .gguf file. Default: the "
@@ -57,7 +58,7 @@ flags.DEFINE_string("mesh", None, "Devices to use: 'data:8' (windows and matrice
                     "devices) or 'data:2,model:4' (weights also sharded over 4); the sizes "
                     "multiply to the device count. Same codes and perplexity as one device. "
                     "Default: one device.")
-flags.DEFINE_integer("hessian_shards", 8, "Accumulator slots of Hessian collection (a multiple "
+flags.DEFINE_integer("hessian_shards", DEFAULT_HESSIAN_SHARDS, "Accumulator slots of Hessian collection (a multiple "
                      "of the device count; the Hessians depend on it, not on --mesh).")
 flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU (testing --mesh "
                      "without GPUs); 0: the real devices.")

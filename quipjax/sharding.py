@@ -46,7 +46,7 @@ from quipjax import hessian as _hessian
 
 __all__ = ["AXES", "BATCH", "DEFAULT_HESSIAN_SHARDS", "mesh_shape", "parse_mesh", "describe", "num_devices",
            "RULES", "spec_for", "state_specs", "shard_state", "shard_module", "batch_spec",
-           "put_batch", "block_forward", "HessianEngine", "exact_merge", "quantize_stack",
+           "put_batch", "block_forward", "block_forward_fn", "HessianEngine", "exact_merge", "quantize_stack",
            "quantize_layers_distributed", "perplexity", "abstract_model", "load_model_sharded",
            "collectives", "random_block", "plan", "PlanCosts"]
 
@@ -241,19 +241,20 @@ def _forward_program(graphdef, tdef, mesh, specs):
                                  out_specs=P(BATCH), check_vma=False))
 
 
-def block_forward(block, x, mesh: Mesh):
-    """block(x) with the windows of x (B, T, d) split over every device (B % devices == 0);
-    each device computes exactly the one-device batch of its windows."""
+def block_forward_fn(block, mesh: Mesh) -> Callable:
+    """x (B, T, d) -> block(x) with the windows split over every device (B % devices == 0);
+    each device computes exactly the one-device batch of its windows. The weights are placed
+    on the mesh once, here: call the result for every batch."""
     graphdef, tdef, leaves = _flatten_state(block)
     specs = tuple(state_specs(jax.tree.unflatten(tdef, leaves), mesh))
     leaves = [jax.device_put(l, NamedSharding(mesh, s)) for l, s in zip(leaves, specs)]
-    x = jax.device_put(x, NamedSharding(mesh, P(BATCH)))
-    return _forward_program(graphdef, tdef, mesh, specs)(leaves, x)
+    prog = _forward_program(graphdef, tdef, mesh, specs)
+    return lambda x: prog(leaves, jax.device_put(x, NamedSharding(mesh, P(BATCH))))
 
 
-def block_apply(graphdef, state, x):
-    """One block on x (B, T, d), positions 0..T-1 (the evaluation step)."""
-    return nnx.merge(graphdef, state)(x, jnp.arange(x.shape[1]))
+def block_forward(block, x, mesh: Mesh):
+    """One call of `block_forward_fn(block, mesh)` (for one batch)."""
+    return block_forward_fn(block, mesh)(x)
 
 
 def random_block(spec, key, dtype=jnp.bfloat16, scale: float = 0.02):
@@ -598,10 +599,10 @@ def quantize_layers_distributed(src, out: str, hdir: str, settings, mesh: Mesh, 
     behaviour as `finetune_model.quantize_layers` (sign keys depend on (seed, layer, group)
     only, so the chunking does not change any code)."""
     from quipjax.models.adapter import LLAMA
-    from quipjax.models.loaders import load_block
     from quipjax.pipeline import checkpoint as ckpt
     from quipjax.pipeline import hessians
-    from quipjax.pipeline.quantize_model import block_fp_params, fuse_members, group_key
+    from quipjax.pipeline.checkpoint import QuantizedGroup
+    from quipjax.pipeline.quantize_model import fuse_members, group_key, source_fp_params
     adapter = adapter or LLAMA
     L = src.spec.num_layers
     todo = [i for i in range(L) if not ckpt.layer_done(out, i)]
@@ -624,7 +625,6 @@ def quantize_layers_distributed(src, out: str, hdir: str, settings, mesh: Mesh, 
                 Ws, Hs, keys, mesh, codebook=settings.codebook, scale=settings.scale,
                 sigma_reg=settings.sigma_reg, tune_iters=settings.tune_iters,
                 rotation=settings.rotation, rounding=settings.rounding, proxies=True)
-            from quipjax.pipeline.checkpoint import QuantizedGroup
             for i, ql, (scales, rows), pr in zip(chunk, qls, fused, prox):
                 groups[i][g.name] = QuantizedGroup(ql=ql, scales=jnp.asarray(scales),
                                                    members=g.members, rows=rows)
@@ -633,7 +633,7 @@ def quantize_layers_distributed(src, out: str, hdir: str, settings, mesh: Mesh, 
         dt = (time.perf_counter() - t0) / len(chunk)
         for i in chunk:
             info[i]["seconds"] = dt
-            norms = block_fp_params(load_block(src, i, jnp.float32), adapter)
+            norms = source_fp_params(src, i, adapter)          # no second read of the weights
             ckpt.save_layer(out, i, groups[i], norms, info[i])
             if progress:
                 progress(i, info[i])

@@ -33,11 +33,23 @@ import jax.numpy as jnp
 from quipjax import codebooks as _codebooks
 
 __all__ = ["decode_matmul", "reference_decode_matmul", "pick_backend", "prepare",
-           "prepared_matmul", "Prepared", "KERNEL_CODEBOOKS"]
+           "prepared_matmul", "Prepared", "KERNEL_CODEBOOKS", "stage_table"]
 
 # Codebooks with in-kernel decoders (the E8P family); the others use the reference path.
 KERNEL_CODEBOOKS = ("E8P12", "E8P12RVQ3B", "E8P12RVQ4B")
 _BACKENDS = ("auto", "pallas", "pallas_interpret", "xla", "reference")
+
+
+def stage_table() -> dict:
+    """{codebook name: (stage-2 kind "e8p" / "e81b" or None, residual scale)} of the kernel
+    codebooks, read off `quipjax.codebooks` (stage 1 is always E8P)."""
+    kinds = {"E8P12": "e8p", "E81B": "e81b"}
+    out = {}
+    for name in KERNEL_CODEBOOKS:
+        cb = _codebooks.get(name)
+        stage2 = getattr(cb, "stage2", None)
+        out[name] = (None, 1.0) if stage2 is None else (kinds[stage2.name], float(cb.resid_scale))
+    return out
 
 
 def pick_backend(backend: str = "auto") -> str:

@@ -48,8 +48,9 @@ from jax.experimental.pallas import triton as pltriton
 
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
+from quipjax.kernels import stage_table
 
-__all__ = ["prepare", "matmul", "decode_matmul", "export_targets", "kernel_configs",
+__all__ = ["prepare", "matmul", "export_targets", "kernel_configs",
            "ROW_MULTIPLE", "H100_SMS"]
 
 ROW_MULTIPLE = 64          # rows padded to this (the largest BM)
@@ -57,8 +58,8 @@ H100_SMS = 132
 _MAX_BATCH = 16            # the small-batch kernel's N; larger batches run in chunks
 _SHUFFLE = _e8p.SHUFFLE_MAP
 
-# (stage-2 kind, residual scale) of each codebook; stage 1 is always E8P.
-_STAGES = {"E8P12": (None, 1.0), "E8P12RVQ4B": ("e8p", 3.45), "E8P12RVQ3B": ("e81b", 2.04)}
+# {codebook: (stage-2 kind, residual scale)}; stage 1 is always E8P
+_STAGES = stage_table()
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,7 +230,7 @@ def _batch_kernel(*refs, kind, bm, bk, nk, ks):
     o_ref[...] = y[None]
 
 
-_STAGES_SCALE = {"e8p": 3.45, "e81b": 2.04}
+_STAGES_SCALE = {kind: scale for kind, scale in _STAGES.values() if kind}
 
 
 def _splits(n_row_blocks: int, nk: int) -> int:
@@ -311,13 +312,6 @@ def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape, *, interpret: 
     ys = jax.lax.map(lambda c: _call(c, arrays, codebook_name, shape, interpret), chunks)
     y = ys.transpose(0, 2, 1).reshape(-1, ys.shape[1])[:b, :m]
     return y.reshape(lead + (m,))
-
-
-def decode_matmul(x, codes, codebook_name, *, interpret: bool = False):
-    """prepare + matmul (for one-off calls; a model should `prepare` once)."""
-    m = codes.shape[0]
-    return matmul(x, prepare(codes, codebook_name), codebook_name, (m, codes.shape[1] * 8),
-                  interpret=interpret)
 
 
 def export_targets(shapes=((576, 1536), (4096, 4096), (4096, 11008)),

@@ -59,12 +59,13 @@ import numpy as np
 
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
+from quipjax.kernels import stage_table
 
 
 __all__ = ["prepare", "matmul", "bits_per_weight"]
 
-# (stage-2 kind, residual scale) of each codebook; stage 1 is always E8P.
-_STAGES = {"E8P12": (None, 1.0), "E8P12RVQ4B": ("e8p", 3.45), "E8P12RVQ3B": ("e81b", 2.04)}
+# {codebook: (stage-2 kind, residual scale)}; stage 1 is always E8P
+_STAGES = stage_table()
 # value = _A * nibble + _B
 _AFFINE = {"e8p": (0.5, -3.75), "e81b": (0.5, -4.0)}
 

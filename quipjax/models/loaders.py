@@ -166,32 +166,34 @@ class GGUFFile(CheckpointSource):
             self._r = GGUFReader(path)
         except Exception as e:
             raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-        arch = self._field("general.architecture")
+        arch = self.field("general.architecture")
         if arch != "llama":
             raise ValueError(f"{path} is a GGUF of architecture {arch!r}; quipjax reads Llama-family "
                              "models (general.architecture = 'llama')")
         self._tensors = {}
         for t in self._r.tensors:
             self._tensors[self._hf_name(t.name)] = t
-        n = self._field("llama.block_count")
+        n = self.field("llama.block_count")
         emb = self._tensors["model.embed_tokens.weight"]
-        heads = self._field("llama.attention.head_count")
-        d = self._field("llama.embedding_length")
-        tokens = self._field("tokenizer.ggml.tokens")
+        heads = self.field("llama.attention.head_count")
+        d = self.field("llama.embedding_length")
+        tokens = self.field("tokenizer.ggml.tokens")
         self.spec = LlamaSpec(
             vocab_size=int(emb.shape[1]) if len(emb.shape) > 1 else len(tokens),
-            hidden_size=d, intermediate_size=self._field("llama.feed_forward_length"),
+            hidden_size=d, intermediate_size=self.field("llama.feed_forward_length"),
             num_layers=n, num_heads=heads,
-            num_kv_heads=self._field("llama.attention.head_count_kv", heads),
-            head_dim=self._field("llama.rope.dimension_count", d // heads),
-            rope_theta=float(self._field("llama.rope.freq_base", 10000.0)),
-            rms_eps=float(self._field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            num_kv_heads=self.field("llama.attention.head_count_kv", heads),
+            head_dim=self.field("llama.rope.dimension_count", d // heads),
+            rope_theta=float(self.field("llama.rope.freq_base", 10000.0)),
+            rms_eps=float(self.field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="lm_head.weight" not in self._tensors,
-            max_position=self._field("llama.context_length", 4096),
-            bos_token_id=self._field("tokenizer.ggml.bos_token_id", None),
-            eos_token_id=self._field("tokenizer.ggml.eos_token_id", None))
+            max_position=self.field("llama.context_length", 4096),
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id", None))
 
-    def _field(self, key, default=KeyError):
+    def field(self, key, default=KeyError):
+        """A metadata field of the GGUF header (strings decoded, arrays as lists); `default`
+        when absent, an error naming the field if no default is given."""
         f = self._r.fields.get(key)
         if f is None:
             if default is KeyError:
@@ -243,12 +245,12 @@ class GGUFFile(CheckpointSource):
     def tokenizer(self):
         from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
         from tokenizers import AddedToken
-        model = self._field("tokenizer.ggml.model", "gpt2")
+        model = self.field("tokenizer.ggml.model", "gpt2")
         if model != "gpt2":
             raise ValueError(f"GGUF tokenizer model {model!r} is not supported (BPE 'gpt2' only)")
-        tokens = self._field("tokenizer.ggml.tokens")
-        merges = self._field("tokenizer.ggml.merges")
-        types = self._field("tokenizer.ggml.token_type", [1] * len(tokens))
+        tokens = self.field("tokenizer.ggml.tokens")
+        merges = self.field("tokenizer.ggml.merges")
+        types = self.field("tokenizer.ggml.token_type", [1] * len(tokens))
         vocab = {t: i for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in merges]
         tok = HFTok(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))

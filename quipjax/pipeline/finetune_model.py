@@ -31,7 +31,7 @@ from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
 from quipjax.models.llama import Block, Linear, Llama, LlamaSpec
 from quipjax.models.loaders import CheckpointSource, load_block, load_model
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline import hessians
+from quipjax.pipeline import evaluate, hessians
 from quipjax.pipeline.quantize_model import (QuantSettings, block_fp_params, group_key,
                                              quantize_group, set_param)
 
@@ -241,11 +241,6 @@ def quantize_layers(src: CheckpointSource, out: str, hdir: str, settings: QuantS
         os.rmdir(work)
 
 
-@nnx.jit
-def _block_fwd(block, x):
-    return block(x, jnp.arange(x.shape[1]))
-
-
 def _fp_outputs(block, xf, path, mesh=None):
     """Run the FP block over every window of xf; write the outputs to `path` (atomically).
     mesh: the windows split over its devices (one each; the same outputs)."""
@@ -256,14 +251,15 @@ def _fp_outputs(block, xf, path, mesh=None):
     if mesh is not None:
         from quipjax import sharding
         D, N = mesh.size, xf.shape[0]
+        fwd = sharding.block_forward_fn(block, mesh)
         for b in range(0, N, D):
             x = np.zeros((D,) + xf.shape[1:], np.float32)
             x[:min(D, N - b)] = xf.read(b, min(b + D, N))
-            yf.write(b, np.asarray(sharding.block_forward(block, x, mesh))[:min(D, N - b)])
+            yf.write(b, np.asarray(fwd(x))[:min(D, N - b)])
         os.replace(tmp, path)
         return hessians._ActFile(path)
     for b in range(xf.shape[0]):
-        yf.write(b, np.asarray(_block_fwd(block, jnp.asarray(xf.read(b, b + 1)))))
+        yf.write(b, np.asarray(evaluate.run_block(block, jnp.asarray(xf.read(b, b + 1)))))
     os.replace(tmp, path)
     return hessians._ActFile(path)
 

@@ -125,11 +125,6 @@ def _embed_all(src, windows, path, batch):
     os.replace(path + ".tmp.npy", path)
 
 
-@nnx.jit
-def _block_step(block, x):
-    return block(x, jnp.arange(x.shape[1]))
-
-
 def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, *,
                      adapter: ModelAdapter = LLAMA, dtype=jnp.bfloat16, batch: int = 1,
                      progress: Optional[Callable] = None, mesh=None,

@@ -74,8 +74,9 @@ class QuantGroup(nnx.Module):
                              f"scales do not describe the {m} rows of its codes")
         self.codes = Codes(_kernels.prepare(jnp.asarray(ql.codes), ql.codebook, backend))
         self.SU = QuantVector(jnp.asarray(ql.SU, jnp.float32))
-        self.SV = QuantVector(jnp.asarray(ql.SV, jnp.float32))
-        self.scales = QuantVector(jnp.asarray(group.scales, jnp.float32))
+        # SV times each member's fuse scale, per output row: fixed at load, not per token
+        self.row_scale = QuantVector(jnp.asarray(ql.SV, jnp.float32) * jnp.repeat(
+            jnp.asarray(group.scales, jnp.float32), np.asarray(group.rows), total_repeat_length=m))
         self.rows = tuple(int(r) for r in group.rows)
         self.rot_m, self.rot_n = ql.rotations            # quipjax.rht.Rotation, static
         self.shape = (int(m), int(n))
@@ -101,9 +102,7 @@ class QuantGroup(nnx.Module):
         # the math of QuantizedLinear.apply, with the codes prepared once at load
         t = self.rot_n.apply(x * self.SU[...], axis=-1, transpose=True)      # M_n^T diag(SU) x
         y = _kernels.prepared_matmul(t.astype(self.dtype), self.codes.get_value())   # t Q^T
-        sv = self.SV[...] * jnp.repeat(self.scales[...], np.asarray(self.rows),
-                                       total_repeat_length=self.shape[0])
-        return self.rot_m.apply(y, axis=-1) * sv                             # diag(SV) M_m (.)
+        return self.rot_m.apply(y, axis=-1) * self.row_scale[...]          # diag(SV) M_m (.)
 
 
 class QuantMember(nnx.Module):

@@ -17,7 +17,7 @@ from quipjax.pipeline.checkpoint import QuantizedGroup, load_e2e, load_globals, 
 from quipjax.quantize import quantize_linear
 
 __all__ = ["QuantSettings", "fuse_members", "quantize_group", "quantize_block", "assign_dequantized",
-           "build_quantized_model", "group_key", "block_fp_params", "set_param"]
+           "build_quantized_model", "group_key", "block_fp_params", "source_fp_params", "set_param"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,15 @@ def block_fp_params(block, adapter: ModelAdapter = LLAMA) -> dict:
             continue
         out[name] = np.asarray(v[...], np.float32)
     return out
+
+
+def source_fp_params(src, i: int, adapter: ModelAdapter = LLAMA) -> dict:
+    """`block_fp_params` of layer i read straight from the source (norms, biases: float32),
+    without loading the block's quantized weights."""
+    from quipjax.models.loaders import block_param_names
+    quantized = {m + ".weight" for m in adapter.linear_paths()}
+    return {p: np.asarray(src.tensor(n), np.float32)
+            for p, n in block_param_names(src.spec, i).items() if p not in quantized}
 
 
 def set_param(block, path: str, value) -> None:

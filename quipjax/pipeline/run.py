@@ -24,6 +24,7 @@ from quipjax.pipeline import data, evaluate, hessians
 from quipjax.pipeline import finetune_model as ftm
 from quipjax.pipeline.finetune_model import FTSettings
 from quipjax.pipeline.quantize_model import QuantSettings, build_quantized_model
+from quipjax.sharding import DEFAULT_HESSIAN_SHARDS
 
 __all__ = ["RunConfig", "quantize_model", "fp_perplexity", "checkpoint_perplexity", "tokenizer_from_ref"]
 
@@ -48,7 +49,7 @@ class RunConfig:
     ft: FTSettings = FTSettings()
     eval_before_e2e: bool = True
     mesh: Optional[str] = None            # "data:8", "data:2,model:4" (quipjax.sharding)
-    hessian_shards: int = 8               # accumulator slots of Hessian collection
+    hessian_shards: int = DEFAULT_HESSIAN_SHARDS    # accumulator slots of Hessian collection
 
 
 def _bar(total, desc):
