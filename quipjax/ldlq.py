@@ -68,7 +68,7 @@ def _quantize_block(cb, x):
     """Round an (8, m) slab. Returns (codes (m, 8 // dim) + code_shape, xhat (8, m))."""
     d, m = cb.dim, x.shape[1]
     xt = x.reshape(BLOCK // d, d, m).transpose(1, 0, 2).reshape(d, -1)
-    codes, xh = cb._quantize_t(xt)
+    codes, xh = cb.quantize_t(xt)
     codes = codes.reshape((BLOCK // d, m) + cb.code_shape)
     codes = jnp.moveaxis(codes, 0, 1)
     xh = xh.reshape(d, BLOCK // d, m).transpose(1, 0, 2).reshape(BLOCK, m)

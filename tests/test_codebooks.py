@@ -156,6 +156,29 @@ def test_half_integer_grid_exact(bits):
     assert abs(cb.opt_scale - scalar.optimal_scale(bits)) < 1e-3
 
 
+@pytest.mark.parametrize("name", codebooks.names())
+def test_public_coordinates_first_search(name):
+    """`quantize_t` (public: BlockLDLQ calls it) is `quantize_with_values` on transposed input,
+    with the documented shapes and dtypes."""
+    cb = codebooks.get(name)
+    xt = np.random.default_rng(11).standard_normal((cb.dim, 64)).astype(np.float32)
+    codes, xhat_t = cb.quantize_t(jnp.asarray(xt))
+    assert codes.shape == (64,) + cb.code_shape and codes.dtype == cb.code_dtype
+    assert xhat_t.shape == (cb.dim, 64) and xhat_t.dtype == jnp.float32
+    codes2, xhat2 = cb.quantize_with_values(xt.T)
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(codes2))
+    np.testing.assert_array_equal(np.asarray(xhat_t).T, np.asarray(xhat2))
+    np.testing.assert_array_equal(np.asarray(cb.decode(codes)).reshape(64, cb.dim),
+                                  np.asarray(xhat2))
+
+
+def test_materialize_is_identity():
+    v = jnp.asarray(np.random.default_rng(12).integers(-1000, 1000, (3, 50)), jnp.int32)
+    out = e8p.materialize(v)
+    assert out.shape == v.shape and out.dtype == v.dtype
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(v))
+
+
 def test_registry_errors_and_defaults():
     with pytest.raises(ValueError, match="unknown codebook"):
         codebooks.get("E8P13")

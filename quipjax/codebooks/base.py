@@ -2,7 +2,7 @@
 
 A codebook is a frozen (hashable) dataclass, so it can be passed to `jax.jit` as a static
 argument, like an optax transformation is passed to a training loop. Subclasses implement
-`_quantize_t` (coordinates-first "struct of arrays" layout, the fast path used inside
+`quantize_t` (coordinates-first "struct of arrays" layout, the fast path used inside
 BlockLDLQ) and `decode`.
 """
 from __future__ import annotations
@@ -40,8 +40,13 @@ class Codebook:
     code_dtype: type
 
     # -- to implement -------------------------------------------------------------------
-    def _quantize_t(self, xt: jax.Array) -> Tuple[jax.Array, jax.Array]:
-        """xt (dim, N) float -> (codes (N,) + code_shape, xhat (dim, N) same dtype as xt)."""
+    def quantize_t(self, xt: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """Coordinates-first search: the codes and codewords of the N columns of xt.
+
+        xt (dim, N) float32 (or float64) -> (codes (N,) + code_shape of dtype code_dtype,
+        xhat (dim, N) in xt's dtype, column n the codeword of codes[n]). The search is the
+        one `search` names.
+        """
         raise NotImplementedError
 
     def decode(self, codes: jax.Array) -> jax.Array:
@@ -58,7 +63,7 @@ class Codebook:
         lead = x.shape[:-1]
         work = jnp.promote_types(x.dtype, jnp.float32)
         xt = x.reshape(-1, self.dim).astype(work).T
-        codes, xhat_t = self._quantize_t(xt)
+        codes, xhat_t = self.quantize_t(xt)
         return (codes.reshape(lead + self.code_shape),
                 xhat_t.T.reshape(lead + (self.dim,)).astype(x.dtype))
 

@@ -128,8 +128,12 @@ _SORT8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1)
           (4, 5), (6, 7), (2, 4), (3, 5), (1, 4), (3, 6), (1, 2), (3, 4), (5, 6))
 
 
-def _materialize(v):
-    """Identity on a (N,) array that makes XLA compute it once.
+def materialize(v: jax.Array) -> jax.Array:
+    """Identity that makes XLA compute v once: v (...) integer array -> the same values, shape
+    and dtype (float v: the same values where finite; inf becomes nan, as v * 1 + v * 0).
+
+    Used on (N,) int32 per-vector values inside the codebook searches (`e8p_quantize_t`,
+    `quipjax.codebooks.rvq.e81b_quantize_t`).
 
     XLA:CPU fuses cheap elementwise producers into every consumer and every element of a
     broadcast, so a per-vector value (the winning candidate) used by the 8 coordinates would
@@ -206,7 +210,7 @@ def e8p_quantize_t(x: jax.Array):
     d_neg, c_neg = _best_candidate(x + 0.25)   # codewords shifted by -1/4 (sign parity 1)
     use_neg = d_neg < d_pos
     # c in [0, 36) and the shift, as one materialized integer
-    cs = _materialize(jnp.where(use_neg, c_neg + 64, c_pos))
+    cs = materialize(jnp.where(use_neg, c_neg + 64, c_pos))
     use_neg = cs >= 64
     c = cs & 63
 
@@ -238,7 +242,7 @@ def e8p_quantize_t(x: jax.Array):
         lower = cost[i] < best_cost
         best_cost = jnp.where(lower, cost[i], best_cost)
         flip = jnp.where(lower, i, flip)
-    flip = _materialize(jnp.where(bad, flip, -1))
+    flip = materialize(jnp.where(bad, flip, -1))
     s_neg = neg ^ (flip == jnp.asarray(rows, jnp.int32))
     xhat = jnp.where(s_neg, -p, p) + jnp.where(use_neg, -0.25, 0.25).astype(dt)
     key = sum(lvl[i] * (3 ** i) for i in range(8))
@@ -282,7 +286,7 @@ class E8P12(Codebook):
     code_shape: tuple = ()
     code_dtype: type = np.uint16
 
-    def _quantize_t(self, xt):
+    def quantize_t(self, xt):
         return e8p_quantize_t(xt)
 
     def decode(self, codes):

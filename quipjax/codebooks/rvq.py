@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.codebooks.base import Codebook, lex_keys
-from quipjax.codebooks.e8p import E8P12, _materialize
+from quipjax.codebooks.e8p import E8P12, materialize
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +107,7 @@ def e81b_quantize_t(y: jax.Array):
     for cnum, sc in ((1, s_root), (2, s_half), (3, s_two)):
         better = sc > best
         best, cls = jnp.where(better, sc, best), jnp.where(better, cnum, cls)
-    packed = _materialize(cls | (i1 << 2) | (i2 << 5) | (fl << 8) | (ie << 11)
+    packed = materialize(cls | (i1 << 2) | (i2 << 5) | (fl << 8) | (ie << 11)
                           | (negpar.astype(jnp.int32) << 14))
     cls, i1, i2 = packed & 3, (packed >> 2) & 7, (packed >> 5) & 7
     fl, ie, bad = (packed >> 8) & 7, (packed >> 11) & 7, (packed >> 14) & 1
@@ -148,7 +148,7 @@ class E81B(Codebook):
     code_shape: tuple = ()
     code_dtype: type = np.uint16
 
-    def _quantize_t(self, xt):
+    def quantize_t(self, xt):
         return e81b_quantize_t(xt)
 
     def decode(self, codes):
@@ -163,9 +163,9 @@ class RVQ(Codebook):
     stage2: Codebook = None
     resid_scale: float = 1.0
 
-    def _quantize_t(self, xt) -> Tuple[jax.Array, jax.Array]:
-        c1, x1 = self.stage1._quantize_t(xt)
-        c2, x2 = self.stage2._quantize_t((xt - x1) * self.resid_scale)
+    def quantize_t(self, xt) -> Tuple[jax.Array, jax.Array]:
+        c1, x1 = self.stage1.quantize_t(xt)
+        c2, x2 = self.stage2.quantize_t((xt - x1) * self.resid_scale)
         return jnp.stack([c1, c2], -1), x1 + x2 / self.resid_scale
 
     def decode(self, codes):

@@ -19,7 +19,7 @@ from quipjax.codebooks.base import Codebook
 class HalfIntegerGrid(Codebook):
     bits: int = 2
 
-    def _quantize_t(self, xt):
+    def quantize_t(self, xt):
         half = 2 ** (self.bits - 1)
         code = jnp.clip(jnp.floor(xt[0]) + half, 0, 2 * half - 1)
         return code.astype(jnp.uint8), (code - half + 0.5).astype(xt.dtype)[None]
