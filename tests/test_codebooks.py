@@ -134,6 +134,96 @@ def test_rvq_is_greedy_two_stage(name):
     np.testing.assert_array_equal(codes[:, 1], np.asarray(cb.stage2.quantize(resid)))
 
 
+# --- the `search` attribute: "exact" is a nearest point, "greedy" is measured -------------------
+
+def all_codewords(cb):
+    """Every codeword of a one-stage codebook, decoded from every code (2^(bits * dim) of them)."""
+    n = 2 ** int(round(cb.bits_per_weight * cb.dim))
+    return np.asarray(cb.decode(np.arange(n).astype(cb.code_dtype)), np.float64).reshape(n, cb.dim)
+
+
+def sq_dists(x, table):
+    """|x_i - t_j|^2 (N, T), in the dtype of x and table."""
+    return ((x * x).sum(1)[:, None] - 2.0 * x @ table.T + (table * table).sum(1)[None])
+
+
+def rvq_nearest(cb, x, k):
+    """Nearest two-stage codeword q1 + q2 / s of each row of x (N, 8) float64.
+
+    Candidates: the k nearest stage-1 codewords (brute force over all of them), each with the
+    nearest stage-2 codeword of its scaled residual (stage 2's exact search). A row is
+    certified when every stage-1 point left out is at least sqrt(best) + max|q2| / s from x:
+    such a q1 cannot come closer than best, so best is then the exact nearest distance.
+    Returns (best dist^2 (N,) float64, certified (N,) bool).
+    """
+    s = cb.resid_scale
+    t1, t2 = all_codewords(cb.stage1), all_codewords(cb.stage2)
+    radius = np.sqrt((t2 ** 2).sum(1).max()) / s
+    search2 = jax.jit(cb.stage2.quantize)
+    best, cert = [], []
+    for i in range(0, len(x), 500):
+        xc = x[i:i + 500]
+        d1 = sq_dists(xc.astype(np.float32), t1.astype(np.float32))       # to pick candidates
+        part = np.argpartition(d1, k, axis=1)
+        left_out = np.sqrt(np.maximum(np.take_along_axis(d1, part[:, k:k + 1], 1)[:, 0], 0))
+        q1 = t1[part[:, :k]]                                                # (n, k, 8)
+        resid = ((xc[:, None] - q1) * s).reshape(-1, 8).astype(np.float32)
+        q2 = t2[np.asarray(search2(resid)).astype(np.int64)].reshape(q1.shape)
+        b = ((xc[:, None] - q1 - q2 / s) ** 2).sum(-1).min(1)
+        best.append(b)
+        cert.append(left_out - 1e-3 >= np.sqrt(b) + radius)   # 1e-3: float32 slack of d1
+    return np.concatenate(best), np.concatenate(cert)
+
+
+# the greedy searches must be measurably worse than exact here (RVQ4B: well above 0)
+GREEDY_MIN_MISS = {"E8P12RVQ4B": 0.2, "E8P12RVQ3B": 0.0}
+
+
+@pytest.mark.parametrize("name", codebooks.names())
+def test_search_attribute_is_honest(name):
+    cb = codebooks.get(name)
+    assert cb.search in ("exact", "greedy")
+    rng = np.random.default_rng(20)
+    x = (rng.standard_normal((2000, cb.dim)) * cb.opt_scale).astype(np.float32).astype(np.float64)
+    codes, xhat = jax.jit(cb.quantize_with_values)(x.astype(np.float32))
+    codes = np.asarray(codes)
+    if cb.search == "exact":
+        # a nearest codeword of every vector (brute force over all codewords)
+        table = all_codewords(cb)
+        d_all = sq_dists(x, table)
+        d = ((x - table[codes]) ** 2).sum(1)
+        assert (d <= d_all.min(1) + 1e-5).all()
+        assert (codes == d_all.argmin(1)).mean() > 0.999          # the rest: ties
+        return
+    # greedy: exactly the stage-by-stage composition ...
+    assert name in GREEDY_MIN_MISS
+    s = cb.resid_scale
+    c1, x1 = jax.jit(cb.stage1.quantize_with_values)(x.astype(np.float32))
+    np.testing.assert_array_equal(codes[:, 0], np.asarray(c1))
+    c2 = jax.jit(cb.stage2.quantize)(((x.astype(np.float32) - np.asarray(x1)) * s))
+    np.testing.assert_array_equal(codes[:, 1], np.asarray(c2))
+    # ... which a search over 128 stage-1 candidates (certified exhaustive) beats
+    q = (np.asarray(cb.stage1.decode(codes[:, 0]), np.float64)
+         + np.asarray(cb.stage2.decode(codes[:, 1]), np.float64) / s)
+    d = ((x - q) ** 2).sum(1)
+    best, certified = rvq_nearest(cb, x, k=128)
+    assert (best <= d + 1e-9).all()                 # the greedy pair is among the candidates
+    assert certified.mean() > 0.99
+    miss = (best < d - 1e-9)[certified].mean()
+    excess = d[certified].sum() / best[certified].sum() - 1.0
+    print(f"\n{name}: greedy search misses the nearest codeword for {100 * miss:.2f}% of "
+          f"{int(certified.sum())} certified unit Gaussian vectors x {cb.opt_scale} "
+          f"(squared error +{100 * excess:.2f}%)")
+    assert miss > GREEDY_MIN_MISS[name] and excess > 0
+
+
+def test_search_must_be_named():
+    with pytest.raises(ValueError, match="search='exact'"):
+        scalar.HalfIntegerGrid(name="HIx", dim=1, bits_per_weight=2.0, opt_scale=1.0,
+                               default_scale=1.0, code_shape=(), code_dtype=np.uint8,
+                               search="nearest", bits=2)
+
+
 def test_gaussian_mse_ordering():
     x = jax.random.normal(jax.random.key(5), (100000, 8))
     mse = {n: float(codebooks.get(n).mse(x if codebooks.get(n).dim == 8 else x.reshape(-1, 1)))

@@ -3,7 +3,10 @@
 A codebook is a frozen (hashable) dataclass, so it can be passed to `jax.jit` as a static
 argument, like an optax transformation is passed to a training loop. Subclasses implement
 `quantize_t` (coordinates-first "struct of arrays" layout, the fast path used inside
-BlockLDLQ) and `decode`.
+BlockLDLQ) and `decode`, and set `search`: "exact" when `quantize_t` returns a nearest
+codeword of every vector, "greedy" when it searches stage by stage (the residual codebooks:
+each stage's point is the nearest to what the earlier stages left, which need not make the
+sum the nearest codeword).
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+SEARCHES = ("exact", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,8 @@ class Codebook:
         recommendation; 0.9 for E8P12, which beats 1.03 on real layers).
       code_shape: trailing shape of the codes of one vector (() or (stages,)).
       code_dtype: numpy dtype of the codes.
+      search: what `quantize_t` (and so `quantize`, `__call__`, BlockLDLQ) finds: "exact" (a
+        nearest codeword of each vector) or "greedy" (stage by stage; `quipjax.codebooks.rvq`).
     """
 
     name: str
@@ -38,6 +46,13 @@ class Codebook:
     default_scale: float
     code_shape: Tuple[int, ...]
     code_dtype: type
+    search: str
+
+    def __post_init__(self):
+        if self.search not in SEARCHES:
+            raise ValueError(f"codebook {self.name}: search={self.search!r} is not one of "
+                             f"{SEARCHES}; set search='exact' if quantize_t returns a nearest "
+                             f"codeword of every vector, else search='greedy'")
 
     # -- to implement -------------------------------------------------------------------
     def quantize_t(self, xt: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -68,7 +83,8 @@ class Codebook:
                 xhat_t.T.reshape(lead + (self.dim,)).astype(x.dtype))
 
     def quantize(self, x: jax.Array) -> jax.Array:
-        """Codes of the nearest codeword of each vector: x (..., dim) -> (...,) + code_shape."""
+        """Codes of each vector, found by the `search` the codebook names: x (..., dim) ->
+        (...,) + code_shape."""
         return self.quantize_with_values(x)[0]
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -285,6 +285,7 @@ class E8P12(Codebook):
     default_scale: float = 0.9
     code_shape: tuple = ()
     code_dtype: type = np.uint16
+    search: str = "exact"
 
     def quantize_t(self, xt):
         return e8p_quantize_t(xt)

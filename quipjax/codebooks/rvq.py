@@ -6,8 +6,16 @@ E8P12RVQ4B: Q1 = Q2 = E8P12, s2 = 3.45 (opt_scale 1.03).
 E8P12RVQ3B: Q1 = E8P12, Q2 = E81B (1 bit per weight: the 256-entry E8 table below), s2 = 2.04
   (opt_scale 0.98).
 Codes are uint16 of shape (..., 2): [..., 0] the E8P12 code of stage 1 (official layout),
-[..., 1] the stage-2 code (an E8P12 code, or an E81B index in 0..255). Each stage is an exact
-nearest-point search; the composition is the greedy residual search of the official code.
+[..., 1] the stage-2 code (an E8P12 code, or an E81B index in 0..255).
+
+The search is greedy, as in the official code (`search` = "greedy"): each stage is an exact
+nearest-point search (stage 1 of x, stage 2 of the scaled residual), but a stage-1 point other
+than the nearest can leave a residual that stage 2 fits better, so the pair is not always the
+nearest of the 2^32 (4-bit) or 2^24 (3-bit) codewords. On 2000 unit Gaussian vectors scaled
+by opt_scale, E8P12RVQ4B misses the nearest codeword for 43.7% of them (+8.7% squared error)
+and E8P12RVQ3B for 0.7% (+0.6%), against an exhaustive search over the 128 nearest stage-1
+points, certified exact for all 2000 4-bit vectors and 1999 of the 3-bit ones
+(tests/test_codebooks.py, `test_search_attribute_is_honest`).
 
 E81B, the official 256-entry table, in official index order: the 241 points of E8 with
 norm^2 <= 2 (the origin, the 112 roots +-e_i +-e_j and the 128 points (+-1/2)^8 with an even
@@ -147,6 +155,7 @@ class E81B(Codebook):
     default_scale: float = 1.0
     code_shape: tuple = ()
     code_dtype: type = np.uint16
+    search: str = "exact"
 
     def quantize_t(self, xt):
         return e81b_quantize_t(xt)
@@ -157,8 +166,13 @@ class E81B(Codebook):
 
 @dataclasses.dataclass(frozen=True)
 class RVQ(Codebook):
-    """Two-stage residual VQ: xhat = Q1(x) + Q2((x - Q1(x)) * resid_scale) / resid_scale."""
+    """Two-stage residual VQ: xhat = Q1(x) + Q2((x - Q1(x)) * resid_scale) / resid_scale.
 
+    Greedy search (`search` = "greedy"): Q1 is stage 1's search of x, Q2 stage 2's search of
+    the scaled residual; the pair is not necessarily the nearest codeword q1 + q2 / resid_scale.
+    """
+
+    search: str = "greedy"
     stage1: Codebook = None
     stage2: Codebook = None
     resid_scale: float = 1.0

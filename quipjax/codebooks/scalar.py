@@ -17,6 +17,10 @@ from quipjax.codebooks.base import Codebook
 
 @dataclasses.dataclass(frozen=True)
 class HalfIntegerGrid(Codebook):
+    """The 2^bits half-integer points. Exact search: code = clip(floor(x) + 2^(bits-1)), the
+    nearest grid point."""
+
+    search: str = "exact"
     bits: int = 2
 
     def quantize_t(self, xt):
