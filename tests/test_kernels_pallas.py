@@ -4,6 +4,7 @@ import inspect
 import os
 import subprocess
 import sys
+import warnings
 import zlib
 
 import jax
@@ -115,9 +116,96 @@ def test_dispatcher():
         kernels.decode_matmul(jnp.zeros((2, 32)), codes, "E8P12", backend="pallas_interpret")
     with pytest.raises(ValueError, match="codes must have shape"):
         kernels.decode_matmul(jnp.zeros((2, 64)), codes[..., None], "E8P12")
-    # codebooks without a kernel (the scalar grids) take the reference path on any backend
-    p = kernels.prepare(jnp.zeros((4, 16), jnp.uint8), "HI2", backend="pallas")
-    assert p.backend == "reference"
+    # codebooks without a kernel (the scalar grids, E81B): "auto" and "reference" take the
+    # reference path, an explicit kernel backend is an error naming them
+    for name, codes in (("HI2", jnp.zeros((4, 16), jnp.uint8)),
+                        ("E81B", jnp.zeros((4, 2), jnp.uint16))):
+        for backend in ("auto", "reference"):
+            assert kernels.prepare(codes, name, backend=backend).backend == "reference"
+        for backend in ("pallas", "pallas_interpret", "xla"):
+            with pytest.raises(ValueError, match=rf"{backend!r} has no kernel for codebook {name}"
+                                                 r".*backend='auto' or backend='reference'"):
+                kernels.prepare(codes, name, backend=backend)
+            with pytest.raises(ValueError, match="backend='auto' or backend='reference'"):
+                kernels.decode_matmul(jnp.zeros((16,)), codes, name, backend=backend)
+
+
+# --- "auto" on a GPU checks each kernel configuration on first use ------------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """"auto" sees a GPU, the Pallas kernels run in interpret mode, no verdicts are cached.
+
+    Returns the list of (x dtype, batch rows) of every Pallas matmul call."""
+    monkeypatch.setattr(kernels, "_platform", lambda: "gpu")
+    monkeypatch.setattr(kernels, "_VERDICTS", {})
+    real, calls = pallas_e8p.matmul, []
+
+    def interpreted(x, *args, interpret=False):
+        calls.append((jnp.dtype(x.dtype).name, int(np.prod(x.shape[:-1]))))
+        return real(x, *args, interpret=True)
+
+    monkeypatch.setattr(pallas_e8p, "matmul", interpreted)
+    return calls
+
+
+def test_auto_on_gpu_keeps_a_correct_kernel(fake_gpu):
+    rng = np.random.default_rng(case_seed("auto keeps", "E8P12RVQ3B"))
+    codes = random_codes(rng, "E8P12RVQ3B", 64, 512)
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = kernels.prepare(codes, "E8P12RVQ3B", backend="auto")
+        y = jax.jit(kernels.prepared_matmul)(x, p)
+        y2 = kernels.prepared_matmul(x, p)                     # verdict cached: no new check
+    assert p.backend == "pallas" and p.verify
+    assert kernels._VERDICTS == {("E8P12RVQ3B", "bfloat16", "matvec"): True}
+    # one check (on the check case), then the two calls ran the kernel
+    assert fake_gpu == [("bfloat16", kernels._CHECK_BATCH["matvec"])] + [("bfloat16", 1)] * 2
+    ref = kernels.reference_decode_matmul(x, codes, "E8P12RVQ3B")
+    for out in (y, y2):
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0,
+                                   atol=2e-6 * float(jnp.abs(ref).max()))
+    # an explicit backend="pallas" runs what was asked, unchecked
+    p = kernels.prepare(codes, "E8P12RVQ3B", backend="pallas")
+    assert not p.verify
+    kernels.prepared_matmul(jnp.zeros((2, 512), jnp.float16), p)
+    assert len(kernels._VERDICTS) == 1 and fake_gpu[-1] == ("float16", 2)
+
+
+def test_auto_on_gpu_replaces_a_wrong_kernel_by_xla(fake_gpu, monkeypatch):
+    """A kernel wrong for bfloat16 inputs only (outputs x 1.01): "auto" warns once for that
+    configuration, computes it with the xla backend, and keeps the kernel for float32."""
+    interpreted = pallas_e8p.matmul
+
+    def wrong_for_bf16(x, *args, interpret=False):
+        y = interpreted(x, *args)
+        return y * 1.01 if x.dtype == jnp.bfloat16 else y
+
+    monkeypatch.setattr(pallas_e8p, "matmul", wrong_for_bf16)
+    rng = np.random.default_rng(case_seed("auto replaces", "E8P12"))
+    codes = random_codes(rng, "E8P12", 40, 1024)
+    xb = jnp.asarray(rng.standard_normal((3, 1024)), jnp.bfloat16)
+    xf = jnp.asarray(rng.standard_normal((3, 1024)), jnp.float32)
+    with pytest.warns(RuntimeWarning) as record:
+        y = kernels.decode_matmul(xb, codes, "E8P12")               # backend="auto"
+        y_jit = jax.jit(lambda x, c: kernels.decode_matmul(x, c, "E8P12"))(xb, codes)
+        yf = kernels.decode_matmul(xf, codes, "E8P12")
+    msgs = [str(w.message) for w in record if "quipjax.kernels" in str(w.message)]
+    assert len(msgs) == 1 and "\n" not in msgs[0], msgs
+    assert "Pallas batch kernel for E8P12 with bfloat16 inputs" in msgs[0]
+    assert "'xla'" in msgs[0]
+    assert kernels._VERDICTS == {("E8P12", "bfloat16", "batch"): False,
+                                 ("E8P12", "float32", "batch"): True}
+    want = kernels.decode_matmul(xb, codes, "E8P12", backend="xla")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(y_jit), np.asarray(want), rtol=0,
+                               atol=2e-6 * float(jnp.abs(want).max()))
+    # the float32 calls still ran the (correct) kernel: after the two checks, one call
+    assert fake_gpu[-1] == ("float32", 3) and fake_gpu.count(("float32", 3)) == 2
+    ref = kernels.reference_decode_matmul(xf, codes, "E8P12")
+    np.testing.assert_allclose(np.asarray(yf), np.asarray(ref), rtol=0,
+                               atol=2e-6 * float(jnp.abs(ref).max()))
 
 
 @pytest.mark.parametrize("codebook", CODEBOOKS)
