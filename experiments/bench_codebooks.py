@@ -9,20 +9,16 @@ argmin over all 65536 codewords.
 """
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from quipjax import codebooks  # noqa: E402
-from quipjax.codebooks import e8p  # noqa: E402
+from quipjax import codebooks
+from quipjax.codebooks import e8p
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("samples", 1_000_000, "Gaussian 8-dim vectors for the MSE.")

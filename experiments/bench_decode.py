@@ -23,21 +23,17 @@ checkpoint against its FP model, tokens/s and time ratios to FP float32 at batch
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from quipjax import kernels  # noqa: E402
-from quipjax.kernels import xla_decode  # noqa: E402
+from quipjax import kernels
+from quipjax.kernels import xla_decode
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["576x1536", "4096x4096", "4096x11008"], "m x n of Q (y = x @ Q^T).")
@@ -173,19 +169,17 @@ def bench_model():
 
     Candidates (each a `Llama`, `quipjax.generate.tokens_per_second`, greedy, EOS ignored):
       * fp f32 / fp bf16: the checkpoint's FP source model;
-      * dequantized f32: the quantized weights formed densely (build_quantized_model);
+      * dequantized f32: the quantized weights formed densely (build_model);
       * codes xla f32 / codes xla bf16: the codes, decoded inside every matmul by the xla
-        backend (build_inference_model; its --dtype is the embedding / lm_head / attention
-        dtype, the decode matmuls accumulate in float32).
+        backend (build_model(linears="codes"); its dtype is the embedding / lm_head /
+        attention dtype, the decode matmuls accumulate in float32).
     Every candidate runs at every --model_batches size; ratios are to fp f32 at that batch.
     """
     if not FLAGS.checkpoint:
         return None
+    from quipjax import build_model, load_model, open_checkpoint
     from quipjax import generate as gen
-    from quipjax.models.loaders import load_model, open_checkpoint
     from quipjax.pipeline import checkpoint as ckpt
-    from quipjax.pipeline.inference_model import build_inference_model
-    from quipjax.pipeline.quantize_model import build_quantized_model
 
     meta = ckpt.read_meta(FLAGS.checkpoint)
     src = open_checkpoint(FLAGS.model or meta["tokenizer"]["path"])
@@ -193,11 +187,11 @@ def bench_model():
     builders = {
         "fp f32": lambda: load_model(src, jnp.float32),
         "fp bf16": lambda: load_model(src, jnp.bfloat16),
-        "dequantized f32": lambda: build_quantized_model(FLAGS.checkpoint, meta, jnp.float32),
-        "codes xla f32": lambda: build_inference_model(FLAGS.checkpoint, backend="xla",
-                                                       dtype=jnp.float32, meta=meta),
-        "codes xla bf16": lambda: build_inference_model(FLAGS.checkpoint, backend="xla",
-                                                        dtype=jnp.bfloat16, meta=meta),
+        "dequantized f32": lambda: build_model(FLAGS.checkpoint, dtype=jnp.float32, meta=meta),
+        "codes xla f32": lambda: build_model(FLAGS.checkpoint, linears="codes", backend="xla",
+                                             dtype=jnp.float32, meta=meta),
+        "codes xla bf16": lambda: build_model(FLAGS.checkpoint, linears="codes", backend="xla",
+                                              dtype=jnp.bfloat16, meta=meta),
     }
     print(f"\n## whole model: {FLAGS.checkpoint} ({meta.get('settings', {}).get('codebook', '?')}), "
           f"prompt {len(ids)} tokens, {FLAGS.new_tokens} new tokens, median of "

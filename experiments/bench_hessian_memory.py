@@ -21,8 +21,6 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 FLAGS = flags.FLAGS
 flags.DEFINE_list("devset_sizes", ["8", "32"], "Calibration windows per run.")
 flags.DEFINE_integer("ctx_size", 2048, "Tokens per window.")

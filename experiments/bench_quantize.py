@@ -19,20 +19,17 @@ import os
 import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from quipjax import codebooks, hessian, ldlq  # noqa: E402
-from quipjax.quantize import quantize_linear  # noqa: E402
+from quipjax import codebooks, hessian, ldlq
+from quipjax.quantize import quantize_linear
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["1024x1024", "4096x4096", "4096x11008"], "Layer shapes m x n (out x in).")

@@ -34,8 +34,6 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "matrix", ["matrix", "block", "proxy"], "What to measure.")
 flags.DEFINE_list("shapes", ["4096x11008", "8192x28672"], "Matrix shapes m x n (out x in).")
@@ -86,7 +84,7 @@ def matrix_child(m, n, codebook):
     res = {"kind": "matrix", "shape": f"{m}x{n}", "m": m, "n": n, "codebook": cb.name,
            "build_inputs_s": build_s}
     t = time.perf_counter()
-    q._check_inputs(W, H, cb)
+    q.check_inputs(W, H, cb)
     res["check_s"] = time.perf_counter() - t      # includes its (small) compile
     rot_m, rot_n = rht.rotation(m), rht.rotation(n)
     key = jax.random.key(0)
@@ -98,7 +96,7 @@ def matrix_child(m, n, codebook):
     Hr, res["hessian_rht_compile_s"], res["hessian_rht_s"] = _timed(h_stage, H, SU, sigma)
     del H
 
-    def w_stage(W, SU, SV, rho):        # RHT of W + scale (as _rotate_and_scale)
+    def w_stage(W, SU, SV, rho):        # RHT of W + scale (as quantize.rotate_and_scale)
         w = W * SV[:, None] * SU[None, :]
         w = rot_m.apply(w, axis=0, transpose=True)
         w = rot_n.apply(w, axis=1, transpose=True)
@@ -108,12 +106,8 @@ def matrix_child(m, n, codebook):
     (L, _), res["block_ldl_compile_s"], res["block_ldl_s"] = _timed(ldlq.block_ldl, Hr)
     del Hr
     assert bool(jnp.all(jnp.isfinite(L)))
-    t = time.perf_counter()
-    comp = ldlq._block_ldlq.lower(Ws, L, jnp.zeros((0, 0), jnp.float32), cb, 0, 128).compile()
-    res["block_ldlq_compile_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    codes, _ = jax.block_until_ready(comp(Ws, L, jnp.zeros((0, 0), jnp.float32)))
-    res["block_ldlq_s"] = time.perf_counter() - t
+    codes, res["block_ldlq_compile_s"], res["block_ldlq_s"] = _timed(
+        lambda Ws, L: q.round_ldlq(Ws, L, cb), Ws, L)
     res["hessian_steps_s"] = res["hessian_rht_s"] + res["block_ldl_s"]
     res["total_s"] = (res["check_s"] + res["hessian_rht_s"] + res["weight_rht_s"]
                       + res["block_ldl_s"] + res["block_ldlq_s"])
@@ -130,8 +124,8 @@ def proxy_child(m, n, codebook):
     products), on random codes: its cost does not depend on the values."""
     import jax
     import jax.numpy as jnp
-    from quipjax import codebooks, hessian, ldlq, rht
-    from quipjax.quantize import QuantizedLinear
+    from quipjax import codebooks, rht
+    from quipjax.quantize import QuantizedLinear, proxy as proxy_loss
     cb = codebooks.get(codebook)
     kw, kc, kh = jax.random.split(jax.random.key(7), 3)
     W = jax.random.normal(kw, (m, n), jnp.float32)
@@ -145,7 +139,7 @@ def proxy_child(m, n, codebook):
     def proxy(W, codes, SU, SV, H, sigma):
         ql = QuantizedLinear(codes=codes, SU=SU, SV=SV, codebook=cb.name, shape=(m, n),
                              transforms=tr)
-        return ldlq.proxy_loss(W, ql.dequantize(), hessian.regularize(H, sigma))
+        return proxy_loss(W, ql, H, sigma)
     _, c, s = _timed(proxy, W, codes, SU, SV, H, jnp.float32(1e-2))
     return {"kind": "proxy", "shape": f"{m}x{n}", "proxy_compile_s": c, "proxy_s": s,
             "peak_rss_mb": _rss_mb()}
@@ -156,12 +150,12 @@ def block_child(name, ctx, repeats):
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from quipjax import sharding as shd
+    from quipjax.distributed import HessianEngine, Placement
     from quipjax.models import llama
     cfg_path = name if os.path.exists(name) else os.path.join(CONFIGS, f"{name}.json")
     with open(cfg_path) as f:
         spec = llama.LlamaSpec.from_hf(json.load(f))
-    block = shd.random_block(spec, jax.random.key(0), jnp.bfloat16)
+    block = llama.random_block(spec, jax.random.key(0), jnp.bfloat16)
     x = np.asarray(jax.random.normal(jax.random.key(1), (1, ctx, spec.hidden_size), jnp.float32))
     res = {"kind": "block", "block": os.path.basename(cfg_path).split(".")[0],
            "hidden": spec.hidden_size, "intermediate": spec.intermediate_size,
@@ -183,7 +177,7 @@ def block_child(name, ctx, repeats):
     del comp
     # one Hessian-collection step: the pipeline's program (forward + the four Hessian updates),
     # one accumulator slot (the slot count changes memory, not the per-step work)
-    eng = shd.HessianEngine(block, mesh=None, shards=1)
+    eng = HessianEngine(block, Placement(), shards=1)
     t = time.perf_counter()
     jax.block_until_ready(eng.step(x, 0))
     res["hessian_step_first_s"] = time.perf_counter() - t      # compile + one step

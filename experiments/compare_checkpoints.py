@@ -2,20 +2,18 @@
 
     python experiments/compare_checkpoints.py --a=runs/x --b=runs/y
 
-Compares every layer's codes, SU, SV and fused-group scales bit for bit, and the norms;
-prints one line per difference and a summary; exits 1 if anything differs.
+Compares every layer's codes, SU, SV and fused-group scales bit for bit, its norms, the global
+parameters (embeddings, final norm, head) and the end-to-end overrides when either checkpoint
+has them; prints one line per difference and a summary; exits 1 if anything differs.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from quipjax.pipeline import checkpoint as ckpt  # noqa: E402
+from quipjax.pipeline import checkpoint as ckpt
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "First checkpoint directory.", required=True)
@@ -45,11 +43,30 @@ def main(argv):
             if not np.array_equal(np.asarray(ga[name].scales), np.asarray(gb[name].scales)):
                 diffs += 1
                 print(f"layer {i} {name}.scales differs")
-        for k in na:
+        for k in sorted(set(na) | set(nb)):
             arrays += 1
-            if not np.array_equal(np.asarray(na[k]), np.asarray(nb[k])):
+            if k not in na or k not in nb or not np.array_equal(np.asarray(na[k]), np.asarray(nb[k])):
                 diffs += 1
                 print(f"layer {i} {k} differs")
+    extra = [("globals", ckpt.load_globals(FLAGS.a), ckpt.load_globals(FLAGS.b))]
+    ea, eb = ckpt.load_e2e(FLAGS.a), ckpt.load_e2e(FLAGS.b)
+    if (ea is None) != (eb is None):
+        diffs += 1
+        print("only one checkpoint has an end-to-end stage")
+    elif ea is not None:
+        flat = [lambda e: {f"e2e globals {k}": v for k, v in e[1].items()}]
+        flat.append(lambda e: {f"e2e layer {i} {g}.{f}": v for i, l in enumerate(e[0])
+                               for g, (su, sv) in l["groups"].items()
+                               for f, v in (("SU", su), ("SV", sv))})
+        flat.append(lambda e: {f"e2e layer {i} {k}": v for i, l in enumerate(e[0])
+                               for k, v in l["norms"].items()})
+        extra += [("", f(ea), f(eb)) for f in flat]
+    for what, da, db in extra:
+        for k in sorted(set(da) | set(db)):
+            arrays += 1
+            if k not in da or k not in db or not np.array_equal(np.asarray(da[k]), np.asarray(db[k])):
+                diffs += 1
+                print(f"{what} {k} differs".strip())
     print(f"{arrays - diffs} of {arrays} arrays identical over {n} layers")
     sys.exit(1 if diffs else 0)
 

@@ -18,16 +18,12 @@ fused layers (q, k, v and up, gate). The last line of standard output is a JSON 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import tempfile
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from quipjax.formats import quipsharp as qs  # noqa: E402
+from quipjax.formats import quipsharp as qs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("to", None, ["quipjax", "quipsharp"], "Direction: 'quipjax' reads an official "

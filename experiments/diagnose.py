@@ -10,21 +10,15 @@ quantization with the given group sizes (a baseline that needs no calibration).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from quipjax.models import loaders  # noqa: E402
-from quipjax.models.adapter import LLAMA, get_path  # noqa: E402
-from quipjax.pipeline import checkpoint as ckpt  # noqa: E402
-from quipjax.pipeline import data, evaluate  # noqa: E402
-from quipjax.pipeline.quantize_model import assign_dequantized, build_quantized_model  # noqa: E402
-from quipjax.pipeline.run import DTYPES  # noqa: E402
+import quipjax
+from quipjax import layers
+from quipjax.models.adapter import get_path
+from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline import data
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "FP model (default: the shipped SmolLM2).")
@@ -48,33 +42,34 @@ def rtn(w, g, bits=4):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    dt = DTYPES[FLAGS.dtype]
-    src = loaders.open_checkpoint(FLAGS.model)
+    dt = jnp.dtype(FLAGS.dtype)
+    src = quipjax.open_checkpoint(FLAGS.model)
     sets = {ds: data.eval_windows(src.tokenizer, ds)[:FLAGS.windows] for ds in FLAGS.datasets}
 
     def report(label, model):
-        r = {ds: evaluate.perplexity(model, w)["ppl"] for ds, w in sets.items()}
+        r = {ds: quipjax.perplexity(model, w)["ppl"] for ds, w in sets.items()}
         print(f"{label:28s} " + "  ".join(f"{ds} {v:.4f}" for ds, v in r.items()), flush=True)
 
-    report("FP", loaders.load_model(src, dt))
+    report("FP", quipjax.load_model(src, dt))
     if FLAGS.checkpoint:
-        report("checkpoint", build_quantized_model(FLAGS.checkpoint, ckpt.read_meta(FLAGS.checkpoint), dt))
+        report("checkpoint", quipjax.build_model(FLAGS.checkpoint, dtype=dt))
         if FLAGS.by_group:
             L = src.spec.num_layers
             groups = [ckpt.load_layer(FLAGS.checkpoint, i)[0] for i in range(L)]
-            cases = [([g.name], range(L), f"only {g.name}") for g in LLAMA.groups]
-            cases += [([g.name for g in LLAMA.groups], range(0, 3), "blocks 0-2"),
-                      ([g.name for g in LLAMA.groups], range(L - 3, L), f"blocks {L - 3}-{L - 1}")]
-            for names, layers, label in cases:
-                model = loaders.load_model(src, dt)
-                for i in layers:
-                    assign_dequantized(model.layers[i],
-                                       {k: v for k, v in groups[i].items() if k in names}, dt)
+            names_all = [g.name for g in quipjax.LLAMA.groups]
+            cases = [([g.name], range(L), f"only {g.name}") for g in quipjax.LLAMA.groups]
+            cases += [(names_all, range(0, 3), "blocks 0-2"),
+                      (names_all, range(L - 3, L), f"blocks {L - 3}-{L - 1}")]
+            for names, which, label in cases:
+                model = quipjax.load_model(src, dt)
+                for i in which:
+                    for k in names:
+                        layers.attach_dequantized(model.layers[i], groups[i][k], dt)
                 report(label, model)
     for g in FLAGS.rtn_group_sizes:
-        model = loaders.load_model(src, jnp.float32)
+        model = quipjax.load_model(src, jnp.float32)
         for b in model.layers:
-            for p in LLAMA.linear_paths():
+            for p in quipjax.LLAMA.linear_paths():
                 lin = get_path(b, p)
                 lin.weight[...] = jnp.asarray(rtn(np.asarray(lin.weight[...]), int(g)))
         report(f"RTN 4-bit, groups of {g}", model)

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
+import jax.numpy as jnp
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from quipjax.models.loaders import load_model, open_checkpoint  # noqa: E402
-from quipjax.pipeline import checkpoint as ckpt  # noqa: E402
-from quipjax.pipeline import data  # noqa: E402
-from quipjax.pipeline.run import DTYPES, _ppl, tokenizer_from_ref  # noqa: E402
-from quipjax.pipeline.quantize_model import build_quantized_model  # noqa: E402
+import quipjax
+from quipjax.pipeline import data
+from quipjax.pipeline.checkpoint import read_meta
+from quipjax.pipeline.run import perplexity_bar, tokenizer_from_ref
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "FP model: HF folder or .gguf (default: the shipped SmolLM2). "
@@ -44,18 +41,17 @@ def main(argv):
     if FLAGS.cpu_devices:
         import jax
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from quipjax import sharding
-    mesh = sharding.parse_mesh(FLAGS.mesh)
+    placement = quipjax.Placement(quipjax.parse_mesh(FLAGS.mesh))
+    dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.checkpoint:
-        meta = ckpt.read_meta(FLAGS.checkpoint)
-        tok = (open_checkpoint(FLAGS.model).tokenizer if FLAGS.model
+        meta = read_meta(FLAGS.checkpoint)
+        tok = (quipjax.open_checkpoint(FLAGS.model).tokenizer if FLAGS.model
                else tokenizer_from_ref(meta["tokenizer"]))
-        model = build_quantized_model(FLAGS.checkpoint, meta, DTYPES[FLAGS.dtype], mesh=mesh)
+        model = quipjax.build_model(FLAGS.checkpoint, dtype=dtype, placement=placement, meta=meta)
     else:
-        src = open_checkpoint(FLAGS.model)
+        src = quipjax.open_checkpoint(FLAGS.model)
         tok = src.tokenizer
-        model = (load_model(src, DTYPES[FLAGS.dtype]) if mesh is None
-                 else sharding.load_model_sharded(src, DTYPES[FLAGS.dtype], mesh))
+        model = quipjax.load_model(src, dtype, placement=placement)
     if FLAGS.text_file:
         with open(FLAGS.text_file, encoding="utf-8") as f:
             windows = data.text_windows(tok, f.read(), FLAGS.ctx_size, FLAGS.max_windows,
@@ -64,10 +60,10 @@ def main(argv):
     else:
         windows = data.eval_windows(tok, FLAGS.dataset, FLAGS.ctx_size)[:FLAGS.max_windows]
         name = FLAGS.dataset
-    r = _ppl(model, windows, f"ppl {name}", mesh)
+    r = perplexity_bar(model, windows, f"ppl {name}", placement)
     print(f"{name}: perplexity {r['ppl']:.4f} over {r['tokens']} predicted tokens "
           f"({len(windows)} windows of {FLAGS.ctx_size}), {r['seconds']:.1f} s, "
-          f"{sharding.describe(mesh)}")
+          f"{placement.describe()}")
     print(json.dumps({"ppl": r["ppl"], "tokens": r["tokens"]}))
 
 

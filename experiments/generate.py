@@ -22,14 +22,13 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from quipjax import generate as gen  # noqa: E402
-from quipjax.models.loaders import load_model, open_checkpoint  # noqa: E402
-from quipjax.pipeline import checkpoint as ckpt  # noqa: E402
+import quipjax
+from quipjax import generate as gen
+from quipjax import load_model, open_checkpoint
+from quipjax.pipeline import checkpoint as ckpt
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A quantized checkpoint (the --output_dir of "
@@ -158,21 +157,16 @@ class _Streamer:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)     # orbax logs every restore at INFO
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[FLAGS.dtype]
+    dtype = jnp.dtype(FLAGS.dtype)
     src = open_checkpoint(_source_path())
     tok = src.tokenizer
     t = time.perf_counter()
     if FLAGS.checkpoint:
-        meta = ckpt.read_meta(FLAGS.checkpoint)
-        if FLAGS.weights == "codes":
-            from quipjax.pipeline.inference_model import build_inference_model
-            model = build_inference_model(FLAGS.checkpoint, backend=FLAGS.backend, dtype=dtype,
-                                          meta=meta)
-            what = f"{FLAGS.checkpoint} (codes, backend {FLAGS.backend}, {FLAGS.dtype})"
-        else:
-            from quipjax.pipeline.quantize_model import build_quantized_model
-            model = build_quantized_model(FLAGS.checkpoint, meta, dtype)
-            what = f"{FLAGS.checkpoint} (dequantized weights, {FLAGS.dtype})"
+        model = quipjax.build_model(FLAGS.checkpoint, dtype=dtype, backend=FLAGS.backend,
+                                    linears="codes" if FLAGS.weights == "codes" else "dequantized")
+        what = (f"{FLAGS.checkpoint} (codes, backend {FLAGS.backend}, {FLAGS.dtype})"
+                if FLAGS.weights == "codes" else
+                f"{FLAGS.checkpoint} (dequantized weights, {FLAGS.dtype})")
     else:
         model = load_model(src, dtype)
         what = f"{src.path} (FP, {FLAGS.dtype})"

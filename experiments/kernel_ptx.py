@@ -40,10 +40,9 @@ the CUDA 13 `ptxas` of /usr/local/cuda-13.0 assembles the PTX 8.8 that Triton em
     python -m venv /work/venvs/cuda
     /work/venvs/cuda/bin/pip install jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 \
         flatbuffers numpy absl-py
-    echo /work/main > /work/venvs/cuda/lib/python3.11/site-packages/quipjax_src.pth  # optional
+    /work/venvs/cuda/bin/pip install --no-deps -e .      # quipjax itself, from this checkout
 
-(the script also puts the repository root on sys.path itself). Exit status 1 if any target or
-kernel failed.
+Exit status 1 if any target or kernel failed.
 """
 from __future__ import annotations
 
@@ -64,9 +63,6 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA driver 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide "Could not find cuda drivers"
 
 from absl import app, flags  # noqa: E402
-
-_REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

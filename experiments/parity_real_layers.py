@@ -24,7 +24,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import time
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("PARITY_OUT", "/tmp/parity")
 DATA = f"{OUT}/data"
 HESS = os.environ.get("PARITY_HESSIANS", "")
@@ -55,11 +54,11 @@ def runs():
 
 
 def prep():
-    sys.path.insert(0, REPO)
     import jax
+    from quipjax import LLAMA, fuse, open_checkpoint
+    from quipjax.models.adapter import get_path
+    from quipjax.models.loaders import load_block
     from quipjax.pipeline.hessians import load_layer_hessians
-    from quipjax.models.loaders import open_checkpoint, load_block
-    from quipjax.models.adapter import LLAMA, get_path
     if not HESS:
         sys.exit("set PARITY_HESSIANS to a Hessian directory written by experiments/quantize.py")
     os.makedirs(DATA, exist_ok=True)
@@ -68,15 +67,8 @@ def prep():
         hs = load_layer_hessians(HESS, layer)
         blk = load_block(src, layer, jax.numpy.float32)
         for g in LLAMA.groups:
-            # exactly quantize_group's construction of W
-            ws = [np.asarray(get_path(blk, m).weight[...], np.float32) for m in g.members]
-            if len(ws) == 1:
-                W = ws[0]
-            else:
-                scales = np.array([np.sqrt(np.mean(w.astype(np.float64) ** 2)) for w in ws],
-                                  np.float32)
-                scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-                W = np.concatenate([w / s for w, s in zip(ws, scales)], 0)
+            # the pipeline's fused group matrix (quipjax.group.fuse)
+            W, _ = fuse([np.asarray(get_path(blk, m).weight[...], np.float32) for m in g.members])
             H = np.asarray(hs[g.name], np.float32)
             np.save(f"{DATA}/W_{layer:03d}_{g.name}.npy", W)
             np.save(f"{DATA}/H_{layer:03d}_{g.name}.npy", H)
@@ -84,11 +76,10 @@ def prep():
 
 
 def run_quipjax():
-    sys.path.insert(0, REPO)
     import jax
-    from quipjax.quantize import quantize_linear
-    from quipjax.ldlq import proxy_loss
+    from quipjax import quantize_linear
     from quipjax.hessian import regularize
+    from quipjax.ldlq import proxy_loss
     path = f"{OUT}/quipjax{TAG}.tsv"
     done = _done(path)
     with open(path, "a") as f:

@@ -242,6 +242,33 @@ def default_max_len(prompt_len: int, max_new_tokens: int, prefill_bucket: int = 
     return _round_up(max(_round_up(prompt_len, prefill_bucket), prompt_len + max_new_tokens), 128)
 
 
+def _check_request(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, max_len,
+                   prefill_bucket) -> tuple:
+    """(prompt (B, T) int32, padded prompt length, cache length) of a valid request; a
+    ValueError naming the bad argument otherwise."""
+    prompt = np.asarray(prompt_ids, np.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be (T,) or (B, T) with T >= 1, got shape {prompt.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, "
+                         f"{top_p}, {top_k})")
+    T = prompt.shape[1]
+    P = _round_up(T, prefill_bucket)
+    max_len = default_max_len(T, max_new_tokens, prefill_bucket) if max_len is None else max_len
+    if max_len < max(P, T + max_new_tokens):
+        raise ValueError(f"max_len {max_len} is too short for a prompt of {T} tokens (padded to "
+                         f"{P}) and {max_new_tokens} new tokens")
+    if max_len > model.spec.max_position:
+        import warnings
+        warnings.warn(f"cache length {max_len} exceeds the model's max_position "
+                      f"{model.spec.max_position}")
+    return prompt, P, max_len
+
+
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: Union[str, int, Sequence[int], None] = "auto",
@@ -251,7 +278,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     """Generate up to `max_new_tokens` tokens after `prompt_ids` with a KV cache.
 
     Args:
-      model: a `Llama` (FP weights, or `pipeline.inference_model.build_inference_model`).
+      model: a `Llama` (FP weights, or `quipjax.build_model(ckpt, linears="codes")`).
       prompt_ids: (T,) or (B, T) int token ids (every row the same length T >= 1).
       max_new_tokens: new tokens per row (>= 1); fewer if every row hits EOS.
       temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
@@ -269,26 +296,9 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     Returns:
       A `GenerationResult`.
     """
-    prompt = np.asarray(prompt_ids, np.int32)
-    if prompt.ndim == 1:
-        prompt = prompt[None]
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt_ids must be (T,) or (B, T) with T >= 1, got shape {prompt.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, "
-                         f"{top_p}, {top_k})")
+    prompt, P, max_len = _check_request(model, prompt_ids, max_new_tokens, temperature, top_k,
+                                        top_p, max_len, prefill_bucket)
     B, T = prompt.shape
-    P = _round_up(T, prefill_bucket)
-    max_len = default_max_len(T, max_new_tokens, prefill_bucket) if max_len is None else max_len
-    if max_len < max(P, T + max_new_tokens):
-        raise ValueError(f"max_len {max_len} is too short for a prompt of {T} tokens (padded to "
-                         f"{P}) and {max_new_tokens} new tokens")
-    if max_len > model.spec.max_position:
-        import warnings
-        warnings.warn(f"cache length {max_len} exceeds the model's max_position "
-                      f"{model.spec.max_position}")
     eos = _eos_set(model, eos_id)
     sampler = _Sampler(greedy=temperature == 0, top_k=int(top_k) if temperature else 0,
                        use_top_p=bool(temperature) and top_p < 1.0)

@@ -6,6 +6,10 @@
     stats = finalize(state)          # HessianStats(H, mean, count)
     Hreg = regularize(stats.H, sigma_reg=1e-2)
 
+Several accumulators of the same statistic (data-parallel shards, accumulator slots) combine
+with `merge` (sequential, order-dependent in the last bits) or `merge_slots` / `exact_merge`
+(an exact, order-free sum: the same bits whatever the order and the number of devices).
+
 Accuracy: JAX computes in float32 by default (x64 is off, TPUs have no float64), so the sums
 are kept as unevaluated float32 pairs (hi + lo, "double-float") and every addition is an
 error-free TwoSum. The products of a batch are summed by the matmul in chunks of at most
@@ -17,11 +21,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
 __all__ = ["HessianState", "HessianStats", "init", "update", "merge", "finalize",
-           "regularize"]
+           "regularize", "regularize_any", "two_sum", "exact_merge", "merge_slots"]
 
 
 class HessianState(NamedTuple):
@@ -41,7 +48,7 @@ class HessianStats(NamedTuple):
     count: jax.Array  # () float32, number of rows accumulated
 
 
-def _two_sum(a_hi, a_lo, b):
+def two_sum(a_hi, a_lo, b):
     """(a_hi + a_lo) + b as a renormalized pair (Knuth TwoSum, then fast renormalization)."""
     s = a_hi + b
     bb = s - a_hi
@@ -93,9 +100,9 @@ def update(state: HessianState, x: jax.Array, mask: jax.Array | None = None,
     def body(st, xs):
         xc, wc = xs
         xtx = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST, preferred_element_type=dt)
-        a = _two_sum(st.xtx_hi, st.xtx_lo, xtx)
-        b = _two_sum(st.sum_hi, st.sum_lo, jnp.sum(xc.astype(dt), 0))
-        c = _two_sum(st.count_hi, st.count_lo, jnp.sum(wc))
+        a = two_sum(st.xtx_hi, st.xtx_lo, xtx)
+        b = two_sum(st.sum_hi, st.sum_lo, jnp.sum(xc.astype(dt), 0))
+        c = two_sum(st.count_hi, st.count_lo, jnp.sum(wc))
         return HessianState(*a, *b, *c), None
 
     state, _ = jax.lax.scan(body, state, (rows, w))
@@ -108,8 +115,8 @@ def merge(a: HessianState, b: HessianState) -> HessianState:
     for hi_a, lo_a, hi_b, lo_b in ((a.xtx_hi, a.xtx_lo, b.xtx_hi, b.xtx_lo),
                                    (a.sum_hi, a.sum_lo, b.sum_hi, b.sum_lo),
                                    (a.count_hi, a.count_lo, b.count_hi, b.count_lo)):
-        hi, lo = _two_sum(hi_a, lo_a, hi_b)
-        hi, lo = _two_sum(hi, lo, lo_b)
+        hi, lo = two_sum(hi_a, lo_a, hi_b)
+        hi, lo = two_sum(hi, lo, lo_b)
         out += [hi, lo]
     return HessianState(*out)
 
@@ -134,3 +141,63 @@ def regularize_any(H: jax.Array, sigma_reg: float = 1e-2) -> jax.Array:
     """`regularize` in H's own float dtype (float64 under x64)."""
     H = H / jnp.mean(jnp.diagonal(H))
     return H + sigma_reg * jnp.eye(H.shape[0], dtype=H.dtype)
+
+
+# ------------------------------------------------------------------- exact, order-free merge
+
+def _pow2(e):
+    """2.0 ** e (float32, exact) for an int32 array e, clamped to the normal range."""
+    e = jnp.clip(e, -126, 127).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+def _grid_sum(terms, e, axes):
+    """Exact sum of the terms rounded to the grid 2^e, and the remainders (exact).
+
+    Every term is rounded to a multiple of u = 2^e (round, times a power of two: exact), so
+    when all partial sums stay below 2^24 u (the caller's choice of e), every addition is
+    exact and the result is the same in any order, on any number of devices (psum)."""
+    u, inv = _pow2(e), _pow2(-e)
+    qs = [jnp.round(t * inv) * u for t in terms]
+    rs = [t - q for t, q in zip(terms, qs)]
+    s = functools.reduce(jnp.add, [jnp.sum(q, 0) for q in qs])
+    if axes:
+        s = jax.lax.psum(s, axes)
+    return s, rs
+
+
+def exact_merge(hi, lo, n_terms: int, axes=()):
+    """Sum over axis 0 (and over the mesh `axes` by psum/pmax) of the double-float values
+    hi + lo, as a renormalized (hi, lo) float32 pair of the shape of hi[0].
+
+    Independent of the order and the grouping of the terms: three levels of exact grid sums
+    (each about 23 - log2(2 n) bits: the sum is exact to 2^-57 of the largest |hi| for 8
+    terms), the last remainders dropped, then rounded to the returned pair (2^-48 of its
+    value). `n_terms` is the total number of terms over all devices. Works under jit and
+    inside shard_map (with `axes` the mesh axes the terms are split over).
+    """
+    m = jnp.max(jnp.abs(hi), 0)
+    if axes:
+        m = jax.lax.pmax(m, axes)
+    e = jnp.frexp(m)[1]                                  # |hi_i| <= m < 2^e
+    c1 = max(1, math.ceil(math.log2(n_terms))) if n_terms > 1 else 1
+    c2 = max(1, math.ceil(math.log2(2 * n_terms)))
+    e1 = e + c1 - 23                                     # n * 2^e <= 2^23 u1
+    q1, r1 = _grid_sum([hi], e1, axes)
+    e2 = e1 - 1 + c2 - 23                                # 2n terms below u1 / 2
+    q2, r2 = _grid_sum(r1 + [lo], e2, axes)
+    e3 = e2 - 1 + c2 - 23
+    q3, _ = _grid_sum(r2, e3, axes)
+    h, l = two_sum(q1, jnp.zeros_like(q1), q2)
+    return two_sum(h, l, q3)
+
+
+def merge_slots(slots: HessianState, n_terms: int, axes=()) -> HessianState:
+    """`exact_merge` of every field of a stack of accumulators (leading axis: the slots;
+    `n_terms` slots in all, over the devices of `axes`): one accumulator, the same bits for
+    any order of the slots and any split of them over devices."""
+    f = list(slots)
+    out = []
+    for i in range(0, 6, 2):
+        out += list(exact_merge(f[i], f[i + 1], n_terms, axes))
+    return HessianState(*out)

@@ -1,4 +1,4 @@
-"""quantize_linear: one linear layer to QuIP# codes (RHT -> scale -> block LDL -> BlockLDLQ).
+"""One linear layer to QuIP# codes, as public stages and two thin compositions of them.
 
     ql = quantize_linear(W, H, codebook="E8P12", key=jax.random.key(0))
     y = ql.apply(x)          # x @ What^T, computed in the rotated basis
@@ -8,23 +8,40 @@ W is (m, n) = (out, in) and H (n, n) the second moment of the layer inputs (un-r
 e.g. `quipjax.hessian.finalize(...).H`). What = diag(SV) M_m Q M_n^T diag(SU), with Q the
 decoded codes (m, n), M the rotations of `quipjax.rht`, SU the input signs and SV the output
 signs times the scale.
+
+The stages, each usable on its own (arrays in, arrays out):
+
+    check_inputs(W, H, codebook)                    shapes, NaN/Inf, symmetry (raises)
+    rho = check_settings(codebook, scale, ...)      the scale rho; bad settings raise
+    r = rotate_and_scale(W, H, key, sigma_reg, rho, rotations)   regularize H, RHT, scale
+    L = factor(r.H, H=H, SU=r.SU, ...)             block LDL, float64 retry (raises)
+    codes = round_ldlq(r.W, L, codebook, ...)       BlockLDLQ (or any rounding of your own)
+    ql = assemble(codes, r, codebook, rotations)    a `QuantizedLinear`
+
+`quantize_linear` runs them for one matrix; `quantize_stack` runs the same stages for a stack
+of same-shaped matrices, each stage lifted over the stack by a `Lift` (`SequentialLift`,
+`VmapLift` here; `quipjax.distributed.ShardLift` runs one matrix per device, the same bits as
+`quantize_linear`), the way `optax.adam` is a chain of its transformations.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax import codebooks as _codebooks
-from quipjax import hessian as _hessian
-from quipjax import ldlq as _ldlq
-from quipjax import rht as _rht
+from quipjax import codebooks
+from quipjax import hessian
+from quipjax import ldlq
+from quipjax import rht
 
-__all__ = ["QuantizedLinear", "quantize_linear", "FORMAT_VERSION"]
+__all__ = ["QuantizedLinear", "FORMAT_VERSION", "Rotated", "check_inputs", "check_settings",
+           "rotations_for", "rotate_and_scale", "factor", "factor_float64", "round_ldlq",
+           "assemble", "proxy", "quantize_linear", "Lift", "SequentialLift", "VmapLift", "lifted_stages",
+           "quantize_stack"]
 
 # Version of the QuantizedLinear layout (codes, SU, SV, metadata); bump on any change that
 # would make an old checkpoint decode differently.
@@ -42,7 +59,7 @@ class QuantizedLinear:
 
     Attributes:
       codes: (m, n // dim) + code_shape codebook codes (uint16 for the E8P codebooks).
-      SU: (n,) float32 input-side signs.
+      SU: (n,) float32 input-side signs (real-valued once fine-tuned).
       SV: (m,) float32 output-side signs times the scale (Wscale folded in).
       codebook: codebook name (see `quipjax.codebooks`).
       shape: (m, n).
@@ -61,18 +78,18 @@ class QuantizedLinear:
     @property
     def rotations(self):
         m, n = self.shape
-        return _rht.Rotation(self.transforms[0], m), _rht.Rotation(self.transforms[1], n)
+        return rht.Rotation(self.transforms[0], m), rht.Rotation(self.transforms[1], n)
 
     def decode_rotated(self) -> jax.Array:
         """The decoded codes Q (m, n) float32, in the rotated basis, without the scale."""
         m, n = self.shape
-        return _codebooks.get(self.codebook).decode(self.codes).reshape(m, n)
+        return codebooks.get(self.codebook).decode(self.codes).reshape(m, n)
 
     def dequantize(self) -> jax.Array:
         """What (m, n) float32 in the original basis."""
         rot_m, rot_n = self.rotations
-        return _rht.incoherence_inverse(self.decode_rotated(), self.SU, self.SV,
-                                        rotations=(rot_m, rot_n))
+        return rht.incoherence_inverse(self.decode_rotated(), self.SU, self.SV,
+                                       rotations=(rot_m, rot_n))
 
     def apply(self, x: jax.Array, backend: str = "auto") -> jax.Array:
         """x (..., n) -> x @ What^T (..., m), float32, without forming What.
@@ -81,7 +98,7 @@ class QuantizedLinear:
         a decode-matmul kernel (`quipjax.kernels`: Pallas on GPU, the XLA path elsewhere;
         `backend` picks one), rotates back.
         """
-        from quipjax import kernels as _kernels   # kernels import codebooks; keep this module light
+        from quipjax import kernels   # kernels import codebooks; keep this module light
         rot_m, rot_n = self.rotations
         m, n = self.shape
         x = jnp.asarray(x, jnp.float32)
@@ -89,21 +106,27 @@ class QuantizedLinear:
             raise ValueError(f"QuantizedLinear of shape {self.shape} applied to inputs with "
                              f"last dimension {x.shape[-1]}")
         t = rot_n.apply(x * self.SU, axis=-1, transpose=True)          # M_n^T diag(SU) x
-        y = _kernels.decode_matmul(t, self.codes, self.codebook, backend=backend)
+        y = kernels.decode_matmul(t, self.codes, self.codebook, backend=backend)
         return rot_m.apply(y, axis=-1) * self.SV                        # diag(SV) M_m (.)
 
     def bits(self) -> dict:
-        """Storage in bits: codes, and SU / SV counted as 16-bit floats (as quip-sharp stores)."""
+        """Storage in bits, as a quipjax checkpoint stores the layer: the codes; SU as one bit
+        per entry while it holds signs (32 once fine-tuning made it real-valued); SV float32.
+        Needs concrete arrays (not under jit)."""
         m, n = self.shape
-        cb = _codebooks.get(self.codebook)
-        return {"codes": int(round(m * n * cb.bits_per_weight)), "SU": 16 * n, "SV": 16 * m}
+        cb = codebooks.get(self.codebook)
+        signs = bool(np.all(np.abs(np.asarray(self.SU)) == 1))
+        return {"codes": int(round(m * n * cb.bits_per_weight)), "SU": n if signs else 32 * n,
+                "SV": 32 * m}
 
     @property
     def bits_per_weight(self) -> float:
-        """All storage (codes, SU, SV) divided by the number of weights."""
+        """All storage (`bits()`: codes, SU, SV) divided by the number of weights."""
         m, n = self.shape
         return sum(self.bits().values()) / (m * n)
 
+
+# ------------------------------------------------------------------------------- stages
 
 @jax.jit
 def _input_stats(W, H):
@@ -117,15 +140,18 @@ def _input_stats(W, H):
             jnp.mean(jnp.diagonal(H)))
 
 
-def _check_inputs(W, H, cb):
+def check_inputs(W, H, codebook) -> None:
+    """Raise a ValueError naming the fix unless W (m, n) and H (n, n) float32 can be quantized
+    with `codebook`: shapes, n % 8, NaN/Inf, symmetry of H, a positive mean diagonal."""
+    cb = codebooks.get(codebook)
     if W.ndim != 2:
         raise ValueError(f"W must be a 2-D (out, in) matrix, got shape {W.shape}")
     m, n = W.shape
     if H.shape != (n, n):
         raise ValueError(f"H has shape {H.shape} but W has shape {W.shape}: H must be (in, in) "
                          f"= ({n}, {n}), the Hessian of this layer's inputs")
-    if n % _ldlq.BLOCK:
-        raise ValueError(f"the input dimension of W ({n}) is not divisible by {_ldlq.BLOCK}: "
+    if n % ldlq.BLOCK:
+        raise ValueError(f"the input dimension of W ({n}) is not divisible by {ldlq.BLOCK}: "
                          "BlockLDLQ rounds blocks of 8 columns; pad the layer's inputs")
     if n % cb.dim:
         raise ValueError(f"the input dimension {n} is not divisible by {cb.name}'s dim {cb.dim}")
@@ -144,47 +170,130 @@ def _check_inputs(W, H, cb):
                          "any inputs (all-zero calibration activations?)")
 
 
-def _check_settings(cb, scale, sigma_reg, rounding) -> float:
-    """The scale rho to use (the codebook's default when None); errors for bad settings."""
+def check_settings(codebook, scale: Optional[float], sigma_reg: float,
+                   rounding: Union[str, Callable] = "ldlq") -> float:
+    """The scale rho to use (the codebook's `default_scale` when `scale` is None); a ValueError
+    for a non-positive scale, a negative sigma_reg or an unknown rounding."""
+    cb = codebooks.get(codebook)
     rho = cb.default_scale if scale is None else float(scale)
     if not (rho > 0 and np.isfinite(rho)):
         raise ValueError(f"scale must be a positive number, got {scale}")
     if sigma_reg < 0:
         raise ValueError(f"sigma_reg must be >= 0, got {sigma_reg}")
-    if rounding not in ("ldlq", "nearest"):
-        raise ValueError(f"rounding must be 'ldlq' or 'nearest', got {rounding!r}")
+    if not callable(rounding) and rounding not in ("ldlq", "nearest"):
+        raise ValueError(f"rounding must be 'ldlq', 'nearest' or a function (rotated, codebook) "
+                         f"-> codes, got {rounding!r}")
     return rho
 
 
+def rotations_for(shape, rotation="auto") -> tuple:
+    """(rot_m, rot_n) `rht.Rotation`s of an (m, n) weight: `rotation` is a kind ("auto",
+    "hadamard", "rfft", "identity") used on both sides, or a pair of `Rotation` values."""
+    m, n = shape
+    if isinstance(rotation, str):
+        return rht.rotation(m, rotation), rht.rotation(n, rotation)
+    rot_m, rot_n = rotation
+    if not (isinstance(rot_m, rht.Rotation) and isinstance(rot_n, rht.Rotation)):
+        raise TypeError("rotation must be a kind ('auto', 'hadamard', 'rfft', 'identity') or a "
+                        "pair (rot_m, rot_n) of quipjax.rht.Rotation")
+    if (rot_m.n, rot_n.n) != (m, n):
+        raise ValueError(f"rotations of orders {(rot_m.n, rot_n.n)} for a weight of shape {(m, n)}")
+    return rot_m, rot_n
+
+
+class Rotated(NamedTuple):
+    """The output of `rotate_and_scale`: what the rounding stage works on.
+
+    W: (m, n) float32, M_m^T diag(SV) W diag(SU) M_n / scale (the rotated, scaled weight).
+    H: (n, n) float32, M_n^T diag(SU) Hreg diag(SU) M_n (the rotated, regularized Hessian).
+    SU: (n,), SV: (m,) float32 random signs. scale: () float32 RMS(rotated W) / rho (0 for
+    an all-zero W, which is then rounded at scale 1).
+    """
+
+    W: jax.Array
+    H: jax.Array
+    SU: jax.Array
+    SV: jax.Array
+    scale: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("rotations",))
-def _rotate_and_scale(W, H, key, sigma_reg, rho, rotations):
-    """Regularize H, RHT, and the scale. Returns (Wr / Wscale, Hr, SU, SV, Wscale)."""
-    Hreg = _hessian.regularize(H, sigma_reg)
-    Wr, Hr, SU, SV = _rht.incoherence_transform(W, Hreg, key, rotations=rotations)
+def rotate_and_scale(W, H, key, sigma_reg, rho, rotations) -> Rotated:
+    """Regularize H (`hessian.regularize`), apply the RHT with signs drawn from `key`, divide
+    the rotated weight by RMS / rho. W (m, n), H (n, n) float32; sigma_reg, rho float32
+    scalars; rotations a static (rot_m, rot_n) pair (`rotations_for`). Returns `Rotated`."""
+    Hreg = hessian.regularize(H, sigma_reg)
+    Wr, Hr, SU, SV = rht.incoherence_transform(W, Hreg, key, rotations=rotations)
     rms = jnp.sqrt(jnp.mean(Wr * Wr))
     wscale = rms / rho
     # an all-zero W: quantize zeros at scale 1 and fold a zero scale into SV (What = 0)
     safe = jnp.where(wscale > 0, wscale, 1.0)
-    return Wr / safe, Hr, SU, SV, jnp.where(wscale > 0, wscale, 0.0)
+    return Rotated(Wr / safe, Hr, SU, SV, jnp.where(wscale > 0, wscale, 0.0))
 
 
-def _block_ldl_float64(H, SU, sigma_reg, rot_n):
+def factor_float64(H, SU, sigma_reg, rot_n):
     """The official float64 retry: regularize, rotate and factor H in float64.
 
-    Returns L as float32, or None when H + sigma_reg I is not positive definite in float64.
+    Returns L (n, n) float32, or None when H + sigma_reg I is not positive definite in float64.
     """
     with jax.enable_x64(True):
-        h = _hessian.regularize_any(jnp.asarray(np.asarray(H), jnp.float64), sigma_reg)
-        hr = _rht.transform_hessian(h, jnp.asarray(np.asarray(SU), jnp.float64), rot_n)
-        L, _ = _ldlq.block_ldl(hr)
+        h = hessian.regularize_any(jnp.asarray(np.asarray(H), jnp.float64), sigma_reg)
+        hr = rht.transform_hessian(h, jnp.asarray(np.asarray(SU), jnp.float64), rot_n)
+        L, _ = ldlq.block_ldl(hr)
         L = np.asarray(L)
     return jnp.asarray(L, jnp.float32) if np.isfinite(L).all() else None
 
 
+_block_ldl = jax.jit(ldlq.block_ldl)
+
+
+def _not_positive_definite(sigma_reg) -> ValueError:
+    return ValueError(
+        "H + sigma_reg * I is not positive definite, even with a float64 Cholesky "
+        f"(sigma_reg = {sigma_reg}): H is not a valid second moment; check it, or "
+        f"increase sigma_reg (e.g. to {max(10 * sigma_reg, 1e-1):g})")
+
+
+def factor(Hr, *, H, SU, sigma_reg: float, rot_n) -> jax.Array:
+    """L (n, n) float32 of the block LDL of the rotated Hessian Hr (`ldlq.block_ldl`); when
+    float32 Cholesky fails, the float64 retry from the un-rotated H (`factor_float64`).
+    Raises a ValueError when H + sigma_reg I is not positive definite."""
+    L, _ = _block_ldl(Hr)
+    if not bool(jnp.all(jnp.isfinite(L))):
+        L = factor_float64(H, SU, sigma_reg, rot_n)
+        if L is None:
+            raise _not_positive_definite(sigma_reg)
+    return L
+
+
+def round_ldlq(W, L, codebook, *, tune_iters: int = 0, Hr=None, buf_cols: int = 128):
+    """BlockLDLQ codes (m, n // dim) + code_shape of the rotated, scaled W (m, n) with the block
+    LDL factor L (n, n) (the identity: nearest rounding); `tune_iters` block coordinate
+    descent passes need Hr. See `quipjax.ldlq.block_ldlq`."""
+    codes, _ = ldlq.block_ldlq(W, L, codebook, tune_iters, H=Hr if tune_iters else None,
+                               buf_cols=buf_cols)
+    return codes
+
+
+def assemble(codes, rotated: Rotated, codebook, rotations) -> QuantizedLinear:
+    """The `QuantizedLinear` of the codes of a rotated weight: the scale folded into SV."""
+    m, n = rotated.W.shape
+    return QuantizedLinear(codes=codes, SU=rotated.SU, SV=rotated.SV * rotated.scale,
+                           codebook=codebooks.get(codebook).name, shape=(m, n),
+                           transforms=(rotations[0].kind, rotations[1].kind))
+
+
+def proxy(W, ql: QuantizedLinear, H, sigma_reg) -> jax.Array:
+    """The proxy loss of a quantized weight (`ldlq.proxy_loss` against the regularized H):
+    tr((What - W) Hreg (What - W)^T) / tr(W Hreg W^T), a float32 scalar. W (m, n), H (n, n)."""
+    return ldlq.proxy_loss(W, ql.dequantize(), hessian.regularize(H, sigma_reg))
+
+
+# ------------------------------------------------------------------------------- composers
+
 def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
                     sigma_reg: float = 1e-2, tune_iters: int = 0, key: jax.Array,
-                    rotation: str = "auto", rounding: str = "ldlq",
-                    buf_cols: int = 128) -> QuantizedLinear:
+                    rotation="auto", rounding="ldlq", buf_cols: int = 128) -> QuantizedLinear:
     """Quantize one linear layer with QuIP# (RHT + BlockLDLQ with a lattice codebook).
 
     Args:
@@ -197,36 +306,168 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
       tune_iters: extra block coordinate descent passes after BlockLDLQ.
       key: jax.random key for the sign vectors (same key, same codes, bit for bit).
       rotation: "auto" (Hadamard where one is known, else the randomized FFT), "hadamard",
-        "rfft" or "identity" (no incoherence processing: the ablation).
-      rounding: "ldlq" (BlockLDLQ) or "nearest" (each block rounded to its nearest codeword,
-        the ablation; tune passes still apply if requested).
+        "rfft" or "identity" (no incoherence processing: the ablation), or a pair of
+        `quipjax.rht.Rotation` values (rot_m, rot_n).
+      rounding: "ldlq" (BlockLDLQ), "nearest" (each block rounded to its nearest codeword,
+        the ablation; tune passes still apply if requested), or your own function
+        (rotated: `Rotated`, codebook) -> codes (m, n // dim) + code_shape.
       buf_cols: LDLQ buffer width (speed only).
     Returns:
       A `QuantizedLinear`.
     Raises:
       ValueError: bad shapes, NaN/Inf, an asymmetric or indefinite H, unsupported dimensions.
     """
-    cb = _codebooks.get(codebook)
+    cb = codebooks.get(codebook)
     W = jnp.asarray(W, jnp.float32)
     H = jnp.asarray(H, jnp.float32)
-    _check_inputs(W, H, cb)
-    m, n = W.shape
-    rho = _check_settings(cb, scale, sigma_reg, rounding)
-    rotations = (_rht.rotation(m, rotation), _rht.rotation(n, rotation))
-    Ws, Hr, SU, SV, wscale = _rotate_and_scale(W, H, key, jnp.float32(sigma_reg),
-                                               jnp.float32(rho), rotations)
-    if rounding == "nearest":     # no error feedback: L = I
-        L = jnp.eye(n, dtype=jnp.float32)
+    check_inputs(W, H, cb)
+    rho = check_settings(cb, scale, sigma_reg, rounding)
+    rotations = rotations_for(W.shape, rotation)
+    r = rotate_and_scale(W, H, key, jnp.float32(sigma_reg), jnp.float32(rho), rotations)
+    if callable(rounding):
+        codes = rounding(r, cb)
     else:
-        L, _ = jax.jit(_ldlq.block_ldl)(Hr)
-    if not bool(jnp.all(jnp.isfinite(L))):
-        L = _block_ldl_float64(H, SU, sigma_reg, rotations[1])
-        if L is None:
-            raise ValueError(
-                "H + sigma_reg * I is not positive definite, even with a float64 Cholesky "
-                f"(sigma_reg = {sigma_reg}): H is not a valid second moment; check it, or "
-                f"increase sigma_reg (e.g. to {max(10 * sigma_reg, 1e-1):g})")
-    codes, _ = _ldlq.block_ldlq(Ws, L, cb, tune_iters, H=Hr if tune_iters else None,
-                                buf_cols=buf_cols)
-    return QuantizedLinear(codes=codes, SU=SU, SV=SV * wscale, codebook=cb.name,
-                           shape=(m, n), transforms=(rotations[0].kind, rotations[1].kind))
+        L = (jnp.eye(W.shape[1], dtype=jnp.float32) if rounding == "nearest" else
+             factor(r.H, H=H, SU=r.SU, sigma_reg=sigma_reg, rot_n=rotations[1]))
+        codes = round_ldlq(r.W, L, cb, tune_iters=tune_iters, Hr=r.H, buf_cols=buf_cols)
+    return assemble(codes, r, cb, rotations)
+
+
+class Lift:
+    """How `quantize_stack` runs a per-matrix stage over a stack of `width` matrices.
+
+    `lift(fn, in_axes)` returns a function of stacked arrays: arguments with in_axes 0 have a
+    leading axis of size `width` (one entry per matrix), arguments with None are shared;
+    `fn` sees one matrix's arrays, and every output of the lifted function gets the leading
+    axis. `put(x)` places a stacked numpy array where the lifted functions want it. Lifts
+    compare equal when they run the same programs (the compiled stages are cached by lift).
+    """
+
+    width: int = 1
+
+    def __call__(self, fn: Callable, in_axes: Sequence) -> Callable:
+        raise NotImplementedError
+
+    def put(self, x):
+        return jnp.asarray(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialLift(Lift):
+    """One matrix after the other, each stage jitted per matrix: `quantize_linear`'s programs
+    and bits. width: matrices per group."""
+
+    width: int = 1
+
+    def __call__(self, fn, in_axes):
+        one = jax.jit(fn)
+
+        def lifted(*args):
+            outs = [one(*[a[i] if ax == 0 else a for a, ax in zip(args, in_axes)])
+                    for i in range(self.width)]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        return lifted
+
+
+@dataclasses.dataclass(frozen=True)
+class VmapLift(Lift):
+    """`width` matrices at a time through one jitted `jax.vmap` of each stage (one program per
+    stage for the whole group: fewer dispatches for many small matrices). Not bit-identical
+    to `quantize_linear`: batching reorders float sums (measured on CPU: SV off by one ulp,
+    so a code can differ where a value sits on a rounding boundary). The pipeline uses
+    `SequentialLift` / `distributed.ShardLift`, which are exact."""
+
+    width: int = 8
+
+    def __call__(self, fn, in_axes):
+        return jax.jit(jax.vmap(fn, in_axes=tuple(in_axes)))
+
+
+@functools.lru_cache(maxsize=64)
+def lifted_stages(lift: Lift, rotations, cb, tune_iters: int, buf_cols: int) -> dict:
+    """The stages `quantize_stack` runs, lifted over a stack by `lift` (cached per lift and
+    static settings): {"rotate", "ldl", "finite", "round", "proxy"} -> stacked functions."""
+    def rotate(W, H, kd, sigma, rho):
+        return rotate_and_scale(W, H, jax.random.wrap_key_data(kd), sigma, rho, rotations)
+
+    def ldl(Hr):
+        return ldlq.block_ldl(Hr)[0]
+
+    def finite(L):
+        return jnp.all(jnp.isfinite(L))
+
+    def round_(W, L, Hr=None):
+        return round_ldlq(W, L, cb, tune_iters=tune_iters, Hr=Hr, buf_cols=buf_cols)
+
+    def proxy_(W, codes, SU, SV, H, sigma):
+        ql = QuantizedLinear(codes=codes, SU=SU, SV=SV, codebook=cb.name, shape=W.shape,
+                             transforms=(rotations[0].kind, rotations[1].kind))
+        return proxy(W, ql, H, sigma)
+
+    return {"rotate": lift(rotate, (0, 0, 0, None, None)),
+            "ldl": lift(ldl, (0,)),
+            "finite": lift(finite, (0,)),
+            "round": lift(round_, (0, 0, 0) if tune_iters else (0, 0)),
+            "proxy": lift(proxy_, (0, 0, 0, 0, 0, None))}
+
+
+def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P12",
+                   scale=None, sigma_reg=1e-2, tune_iters=0, rotation="auto", rounding="ldlq",
+                   buf_cols=128, lift: Optional[Lift] = None, proxies: bool = False):
+    """`quantize_linear` of k same-shaped matrices through the same stages, `lift.width` at a
+    time (the last group padded with the last matrix).
+
+    Ws: (m, n) weights, Hs: (n, n) Hessians, keys: jax.random keys (one each). lift: how the
+    stages run over a group (default `SequentialLift()`: `quantize_linear`'s programs;
+    `quipjax.distributed.ShardLift(mesh)`: one matrix per device, the same bits). Returns a
+    list of `QuantizedLinear` and, with proxies=True, also the list of their `proxy` losses.
+    """
+    lift = lift or SequentialLift()
+    cb = codebooks.get(codebook)
+    k = len(Ws)
+    if not (k == len(Hs) == len(keys)) or k == 0:
+        raise ValueError("quantize_stack needs as many Ws, Hs and keys, at least one")
+    if callable(rounding):
+        raise ValueError("quantize_stack runs the built-in roundings ('ldlq', 'nearest'); "
+                         "use quantize_linear for a rounding function of your own")
+    m, n = np.shape(Ws[0])
+    for W, H in zip(Ws, Hs):
+        if np.shape(W) != (m, n):
+            raise ValueError(f"quantize_stack: matrices of one stack share a shape: {np.shape(W)}"
+                             f" != {(m, n)}")
+        check_inputs(jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32), cb)
+    rho = check_settings(cb, scale, sigma_reg, rounding)
+    rotations = rotations_for((m, n), rotation)
+    st = lifted_stages(lift, rotations, cb, int(tune_iters), int(buf_cols))
+    D = lift.width
+    sigma, rho32 = jnp.float32(sigma_reg), jnp.float32(rho)
+    out, prox = [], []
+    for c0 in range(0, k, D):
+        idx = [min(i, k - 1) for i in range(c0, c0 + D)]          # pad with the last matrix
+        real = min(D, k - c0)
+        Wst = lift.put(np.stack([np.asarray(Ws[i], np.float32) for i in idx]))
+        Hst = lift.put(np.stack([np.asarray(Hs[i], np.float32) for i in idx]))
+        kd = lift.put(np.stack([np.asarray(jax.random.key_data(keys[i])) for i in idx]))
+        r = st["rotate"](Wst, Hst, kd, sigma, rho32)
+        if rounding == "nearest":
+            L = lift.put(np.broadcast_to(np.eye(n, dtype=np.float32), (D, n, n)))
+        else:
+            L = st["ldl"](r.H)
+            for j in np.nonzero(~np.asarray(st["finite"](L)))[0]:               # the float64 retry
+                Lf = factor_float64(jnp.asarray(Hs[idx[j]], jnp.float32),
+                                    jnp.asarray(np.asarray(r.SU)[j]), sigma_reg, rotations[1])
+                if Lf is None:
+                    raise _not_positive_definite(sigma_reg)
+                L = lift.put(np.asarray(L.at[j].set(Lf)))
+        codes = st["round"](r.W, L, r.H) if tune_iters else st["round"](r.W, L)
+        codes_h, SU_h = np.asarray(codes), np.asarray(r.SU)
+        SV_h = np.asarray(r.SV) * np.asarray(r.scale)[:, None]     # assemble: SV * scale
+        for j in range(real):
+            out.append(QuantizedLinear(codes=jnp.asarray(codes_h[j]), SU=jnp.asarray(SU_h[j]),
+                                       SV=jnp.asarray(SV_h[j]), codebook=cb.name, shape=(m, n),
+                                       transforms=(rotations[0].kind, rotations[1].kind)))
+        if proxies:
+            SVst = lift.put(SV_h[[min(j, real - 1) for j in range(D)]])
+            p = np.asarray(st["proxy"](Wst, codes, r.SU, SVst, Hst, sigma))
+            prox += [float(v) for v in p[:real]]
+    return (out, prox) if proxies else out

@@ -1,26 +1,28 @@
-import importlib.util
+import copy
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
-from quipjax import finetune as ft
-from quipjax import hessian
+from quipjax import layers, training
+from quipjax.distributed import HessianEngine, block_forward_fn
+from quipjax.group import quantize_group
 from quipjax.models import llama, loaders
+from quipjax.models.adapter import get_path, set_path
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline import data, evaluate
-from quipjax.pipeline.finetune_model import FTSettings, quantize_layer
-from quipjax.pipeline.quantize_model import QuantSettings, build_quantized_model, quantize_group
-from quipjax.pipeline.run import RunConfig, quantize_model
+from quipjax.pipeline import data, evaluate, hessians
+from quipjax.pipeline.build import build_model
+from quipjax.pipeline.quantization import BlockLayers, quantize_layers
+from quipjax.pipeline.run import quantize_model
+from quipjax.pipeline.settings import (BlockTuneSettings, E2ESettings, QuantSettings,
+                                       RunConfig)
+from quipjax.pipeline.tuning import BlockTuner
 from quipjax.quantize import quantize_linear
 
-from test_pipeline import SPEC, make_hf_folder, run_killed_after_one_layer
-
-HAS_TEXT = importlib.util.find_spec("exllamav2") is not None
+from helpers import TINY as SPEC, make_hf_folder, needs_text
 
 
 def _group(m=48, n=64, seed=0):
@@ -29,7 +31,7 @@ def _group(m=48, n=64, seed=0):
          0.5 * rng.standard_normal((m // 2, n)).astype(np.float32)]
     X = rng.standard_normal((512, n)) @ rng.standard_normal((n, n)) * 0.3
     H = (X.T @ X / len(X)).astype(np.float32)
-    g = quantize_group(W, H, QuantSettings(), jax.random.key(seed))
+    g = quantize_group(W, H, key=jax.random.key(seed))
     return g, W
 
 
@@ -44,14 +46,14 @@ def test_tunable_linear_equals_quantized_apply():
     host = _Two(64, 48, 24)
     host_paths = dict(g.__dict__, members=("a", "b"))
     g = type(g)(**host_paths)
-    ft.attach_tunable(host, g, jnp.float32)
+    layers.attach_tunable(host, g, jnp.float32)
     assert host.a.su is host.b.su                     # one shared input-sign vector
     x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 64)), jnp.float32)
     y = jnp.concatenate([host.a(x), host.b(x)], -1)
     ref = g.ql.apply(x) * jnp.repeat(g.scales, jnp.asarray(g.rows), total_repeat_length=72)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-4, atol=2e-4)
     # detaching without training gives the same group back
-    back = ft.detach_tunable(host, g)
+    back = layers.detach_tunable(host, g)
     np.testing.assert_array_equal(np.asarray(back.ql.codes), np.asarray(g.ql.codes))
     np.testing.assert_allclose(np.asarray(back.ql.SV), np.asarray(g.ql.SV), rtol=1e-6)
 
@@ -68,7 +70,7 @@ def test_susv_gradient_matches_finite_differences():
     with jax.enable_x64(True):
         ql64 = type(ql)(**{**ql.__dict__, "SU": jnp.asarray(ql.SU, jnp.float64),
                            "SV": jnp.asarray(ql.SV, jnp.float64)})
-        R = jnp.asarray(np.asarray(ft._rotated_back(ql)), jnp.float64)
+        R = jnp.asarray(np.asarray(layers.rotated_back(ql)), jnp.float64)
         x64, t64 = jnp.asarray(x), jnp.asarray(t)
 
         def loss_tunable(su, sv):        # the training path
@@ -100,9 +102,9 @@ def test_optimizer_groups_learning_rates():
     g, _ = _group()
     host = _Two(64, 48, 24)
     g = type(g)(**dict(g.__dict__, members=("a", "b")))
-    ft.attach_tunable(host, g, jnp.float32)
+    layers.attach_tunable(host, g, jnp.float32)
     _, params, _ = nnx.split(host, nnx.Param, ...)
-    labels = ft.susv_labels(params)
+    labels = training.susv_labels(params)
     flat = {".".join(map(str, p)): v.get_value() if hasattr(v, "get_value") else v
             for p, v in nnx.to_flat_state(labels)}
     assert flat == {"a.su": "susv", "a.sv": "susv", "b.sv": "susv"}
@@ -116,26 +118,34 @@ def _tiny_block_data(seed=0, n=48, T=32):
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((64, 64)) * 0.5 + np.eye(64)
     x = (rng.standard_normal((n, T, 64)) @ mix).astype(np.float32)
-    y = np.asarray(evaluate.run_block(fp, jnp.asarray(x)))
+    y = np.asarray(block_forward_fn(fp)(x))
     return spec, model, x, y
 
 
-def test_inblock_tuning_lowers_heldout_block_mse():
+def _block_hessians(block, x):
+    """{group: H} of the inputs of each linear group of `block` over windows x (B, T, d)."""
+    eng = HessianEngine(copy.deepcopy(block))
+    for t in range(len(x)):
+        eng.step(x[t:t + 1], t)
+    return {k: st.H for k, st in eng.finalize().items()}
+
+
+def _quantize_block(block_or_tuner, hess, settings, tmp, name):
+    """One layer through the quantization loop (Hessians and checkpoint in tmp); its groups
+    and info as saved."""
+    hdir, out = os.path.join(tmp, name + "_h"), os.path.join(tmp, name)
+    os.makedirs(hdir, exist_ok=True)
+    hessians.save_npz(hessians.layer_file(hdir, 0), **{f"H_{k}": v for k, v in hess.items()})
+    hook = block_or_tuner if isinstance(block_or_tuner, BlockTuner) else BlockLayers({0: block_or_tuner})
+    quantize_layers(out, hdir, settings, hook, [0])
+    groups, _, info = ckpt.load_layer(out, 0)
+    return groups, info
+
+
+def test_inblock_tuning_lowers_heldout_block_mse(tmp_path):
     spec, model, x, y = _tiny_block_data()
     fp = model.layers[0]
-    # Hessians of each group's input from the FP block on the same inputs
-    from quipjax.pipeline.hessians import HessianRecorder
-    from quipjax.models.adapter import LLAMA, get_path, set_path
-    import copy
-    rec_block = copy.deepcopy(fp)
-    recs = {}
-    for g in LLAMA.groups:
-        lin = get_path(rec_block, g.members[0])
-        recs[g.name] = HessianRecorder(lin, lin.weight.shape[1])
-        set_path(rec_block, g.members[0], recs[g.name])
-    evaluate.run_block(rec_block, jnp.asarray(x))
-    hess = {k: np.asarray(hessian.finalize(r.stats.get_value()).H) for k, r in recs.items()}
-
+    hess = _block_hessians(fp, x)
     train, valid, held = slice(0, 24), slice(24, 36), slice(36, 48)
 
     def train_b(epoch, stage):
@@ -148,19 +158,19 @@ def test_inblock_tuning_lowers_heldout_block_mse():
         yield jnp.asarray(x[valid]), jnp.asarray(y[valid])
 
     def held_mse(block):
-        return float(ft.block_mse(block, (jnp.asarray(x[held]), jnp.asarray(y[held]))))
+        return float(training.block_mse(block, (jnp.asarray(x[held]), jnp.asarray(y[held]))))
 
     settings = QuantSettings(codebook="E8P12")
     # the untuned quantized block, rebuilt from its codes
-    groups0, _ = quantize_layer(copy.deepcopy(fp), hess, settings, 0, None, None)
-    from quipjax.pipeline.quantize_model import assign_dequantized
+    groups0, _ = _quantize_block(copy.deepcopy(fp), hess, settings, str(tmp_path), "plain")
     untuned = copy.deepcopy(fp)
-    assign_dequantized(untuned, groups0, jnp.float32)
+    for g in groups0.values():
+        layers.attach_dequantized(untuned, g, jnp.float32)
 
     tuned = copy.deepcopy(fp)
-    cfg = FTSettings(epochs=4, lr=1e-3, susv_lr=5e-3, bs=4, update_freq=1,
-                     compute_dtype="float32")
-    groups, info = quantize_layer(tuned, hess, settings, 0, cfg, (train_b, valid_b))
+    cfg = BlockTuneSettings(epochs=4, lr=1e-3, susv_lr=5e-3, bs=4, update_freq=1)
+    tuner = BlockTuner(cfg, "float32", lambda i: (tuned, train_b, valid_b), seed=0)
+    groups, info = _quantize_block(tuner, hess, settings, str(tmp_path), "tuned")
     assert set(info["curves"]) == {"qkv", "o", "up"}            # no tuning after the last group
     for c in info["curves"].values():
         assert min(e["valid"] for e in c) <= c[0]["valid"]
@@ -172,24 +182,24 @@ def test_inblock_tuning_lowers_heldout_block_mse():
     for g in groups.values():      # back to plain Linears holding the dequantized weights
         for p in g.members:
             set_path(rebuilt, p, llama.Linear(*get_path(untuned, p).weight.shape[::-1]))
-    assign_dequantized(rebuilt, groups, jnp.float32)
+        layers.attach_dequantized(rebuilt, g, jnp.float32)
     e_untuned, e_tuned = held_mse(untuned), held_mse(rebuilt)
     assert e_tuned < 0.95 * e_untuned, (e_tuned, e_untuned)     # measured: 0.91
     np.testing.assert_allclose(held_mse(tuned), e_tuned, rtol=1e-3)
 
 
-@pytest.mark.skipif(not HAS_TEXT, reason="needs the exllamav2 wheel (pip install --no-deps exllamav2==0.3.2)")
-def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch):
+@needs_text
+def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch, run_killed):
     path = str(tmp_path / "tiny_hf")
     make_hf_folder(path, SPEC)
     monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
-    ftc = FTSettings(epochs=2, lr=1e-3, susv_lr=5e-3, bs=2, update_freq=1, train_size=6,
-                     valid_size=2, ctx_size=64, e2e_epochs=3, e2e_lr=1e-3, e2e_susv_lr=5e-3,
-                     e2e_bs=2, e2e_train_size=6, e2e_valid_size=2, e2e_ctx_size=64,
-                     compute_dtype="float32")
+    ftc = BlockTuneSettings(epochs=2, lr=1e-3, susv_lr=5e-3, bs=2, update_freq=1, train_size=6,
+                            valid_size=2, ctx_size=64)
+    e2e_cfg = E2ESettings(epochs=3, lr=1e-3, susv_lr=5e-3, bs=2, train_size=6, valid_size=2,
+                          ctx_size=64)
     cfg = RunConfig(model=path, output_dir=str(tmp_path / "a"), settings=QuantSettings(seed=1),
                     devset_size=4, ctx_size=64, eval_ctx_size=64, eval_datasets=("c4",),
-                    dtype="float32", ft=ftc)
+                    dtype="float32", ft=ftc, e2e=e2e_cfg, tune_dtype="float32")
     m = quantize_model(cfg, log=lambda *a: None)
     out = cfg.output_dir
     assert os.path.exists(os.path.join(out, "ft_curves.png"))
@@ -204,8 +214,8 @@ def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch):
 
     # a run killed after one in-block layer resumes and ends with the same codes and signs
     cfg_b = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b"), "evaluate": False,
-                         "ft": FTSettings(**{**ftc.__dict__, "e2e_epochs": 0})})
-    run_killed_after_one_layer(cfg_b, monkeypatch)
+                         "e2e": E2ESettings(**{**e2e_cfg.__dict__, "epochs": 0})})
+    run_killed(quantize_model, cfg_b)
     assert ckpt.layer_done(cfg_b.output_dir, 0) and not ckpt.layer_done(cfg_b.output_dir, 1)
     assert os.path.exists(os.path.join(cfg_b.output_dir, "ft_acts", "acts_001.npy"))
     quantize_model(cfg_b, log=lambda *a: None)
@@ -220,9 +230,8 @@ def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch):
             np.testing.assert_array_equal(na[k], nb[k])
 
     # the e2e override is what the reloaded model uses
-    meta = ckpt.read_meta(out)
-    with_e2e = build_quantized_model(out, meta, jnp.float32)
-    without = build_quantized_model(cfg_b.output_dir, ckpt.read_meta(cfg_b.output_dir), jnp.float32)
+    with_e2e = build_model(out, dtype=jnp.float32)
+    without = build_model(cfg_b.output_dir, dtype=jnp.float32)
     # ... and it is closer to the FP model on held-out windows (the c4 evaluation text)
     src = loaders.open_checkpoint(path)
     fp = loaders.load_model(src, jnp.float32)
@@ -236,7 +245,7 @@ def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch):
 
     # changing only the e2e settings redoes just the end-to-end stage
     cfg_c = RunConfig(**{**cfg.__dict__, "evaluate": False,
-                         "ft": FTSettings(**{**ftc.__dict__, "e2e_epochs": 1})})
+                         "e2e": E2ESettings(**{**e2e_cfg.__dict__, "epochs": 1})})
     quantize_model(cfg_c, log=lambda *a: None)
     assert len(json.load(open(os.path.join(out, "e2e.json")))["curve"]) <= 2
     np.testing.assert_array_equal(np.asarray(ckpt.load_layer(out, 0)[0]["qkv"].ql.SU),
@@ -249,12 +258,12 @@ def test_chunked_distill_kl_equals_direct():
     student = llama.init_random(spec, jax.random.key(0))
     teacher = llama.init_random(spec, jax.random.key(1))
     tok = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 20)))
-    lp = jax.nn.log_softmax(ft.model_forward(teacher, tok, remat=False), -1)
-    lq = jax.nn.log_softmax(ft.model_forward(student, tok, remat=False), -1)
+    lp = jax.nn.log_softmax(training.model_forward(teacher, tok, remat=False), -1)
+    lq = jax.nn.log_softmax(training.model_forward(student, tok, remat=False), -1)
     direct = float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1)))
-    np.testing.assert_allclose(float(ft.distill_kl(student, (tok, lp), chunk=8)), direct, rtol=1e-5)
-    g = nnx.grad(lambda m: ft.distill_kl(m, (tok, lp), chunk=8))(student)
+    np.testing.assert_allclose(float(training.distill_kl(student, (tok, lp), chunk=8)), direct, rtol=1e-5)
+    g = nnx.grad(lambda m: training.distill_kl(m, (tok, lp), chunk=8))(student)
     g_ref = nnx.grad(lambda m: jnp.mean(jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(
-        ft.model_forward(m, tok, remat=False), -1)), -1)))(student)
+        training.model_forward(m, tok, remat=False), -1)), -1)))(student)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)

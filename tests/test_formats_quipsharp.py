@@ -8,6 +8,7 @@ import pytest
 
 from quipjax import codebooks
 from quipjax.formats import quipsharp as qs
+from quipjax.group import QuantizedGroup
 from quipjax.models.adapter import LLAMA
 from quipjax.models.llama import LlamaSpec
 from quipjax.pipeline import checkpoint as ckpt
@@ -255,7 +256,7 @@ def make_checkpoint(path, spec, codebook, seed=0, exact16=True, up_order=None):
                                  transforms=("hadamard", "hadamard"))
             members = up_order if (gr.name == "up" and up_order) else gr.members
             scales = rnd(rng.uniform(0.5, 1.5, len(rows))) if len(rows) > 1 else np.ones(1)
-            groups[gr.name] = ckpt.QuantizedGroup(ql=ql, scales=jnp.asarray(scales, jnp.float32),
+            groups[gr.name] = QuantizedGroup(ql=ql, scales=jnp.asarray(scales, jnp.float32),
                                                   members=tuple(members), rows=rows)
         norms = {"input_layernorm.weight": rnd(rng.uniform(0.8, 1.2, d)),
                  "post_attention_layernorm.weight": rnd(rng.uniform(0.8, 1.2, d))}

@@ -8,66 +8,20 @@ import pytest
 from flax import nnx
 
 from quipjax import generate as gen
+from quipjax.layers import Codes, CodesLinear
 from quipjax.models import llama
 from quipjax.models.adapter import LLAMA
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline.inference_model import (Codes, QuantGroup, QuantMember,
-                                              build_inference_model)
-from quipjax.pipeline.quantize_model import (QuantSettings, block_fp_params,
-                                             build_quantized_model, quantize_block)
+from quipjax.pipeline.build import build_model
 
-SPEC = llama.LlamaSpec(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                       rms_eps=1e-5, tie_embeddings=False, eos_token_id=None)
+from helpers import TINY_GEN as SPEC
 
+
+def build_inference_model(path, backend, dtype):
+    return build_model(path, linears="codes", backend=backend, dtype=dtype)
 
 def _fp_model(seed=0, spec=SPEC):
     return llama.init_random(spec, jax.random.key(seed), scale=0.2)
-
-
-def _random_hessian(rng, n):
-    x = rng.standard_normal((4 * n, n)).astype(np.float32) * rng.uniform(0.5, 2.0, n).astype(np.float32)
-    return (x.T @ x / x.shape[0]).astype(np.float32)
-
-
-def write_tiny_checkpoint(path, spec=SPEC, seed=0, e2e=False):
-    """A quantized checkpoint of a random model without calibration text: random input
-    Hessians, `quantize_block` per layer, saved with the pipeline's own writers. With `e2e`,
-    an end-to-end override with real-valued SU and rescaled SV (as fine-tuning leaves)."""
-    model = _fp_model(seed, spec)
-    rng = np.random.default_rng(seed)
-    dims = {"qkv": spec.hidden_size, "o": spec.num_heads * spec.head_dim,
-            "up": spec.hidden_size, "down": spec.intermediate_size}
-    settings = QuantSettings(seed=seed)
-    meta = dict(model=spec.to_dict(), tokenizer={"kind": "none", "path": ""},
-                adapter=LLAMA.name, quantized_linears=LLAMA.linear_paths(),
-                settings={"codebook": settings.codebook})
-    ckpt.write_meta(path, meta)
-    ckpt.save_globals(path, {"embed_tokens": model.embed_tokens[...], "norm": model.norm.weight[...],
-                             "lm_head": model.lm_head.weight[...]})
-    layers = []
-    for i, block in enumerate(model.layers):
-        hs = {k: _random_hessian(rng, n) for k, n in dims.items()}
-        groups = quantize_block(block, hs, settings, i)
-        ckpt.save_layer(path, i, groups, block_fp_params(block), {"proxy": {}})
-        layers.append({"groups": {k: (np.asarray(g.ql.SU) * rng.uniform(0.8, 1.2, g.ql.shape[1]),
-                                      np.asarray(g.ql.SV) * 1.1) for k, g in groups.items()},
-                       "norms": {"input_layernorm.weight": rng.uniform(0.9, 1.1, spec.hidden_size)}})
-    if e2e:
-        ckpt.save_e2e(path, layers, {"norm": rng.uniform(0.9, 1.1, spec.hidden_size)}, {})
-    return ckpt.read_meta(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_ckpt"))
-    return path, write_tiny_checkpoint(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt_e2e(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_ckpt_e2e"))
-    return path, write_tiny_checkpoint(path, seed=1, e2e=True)
 
 
 def _naive_greedy(model, prompt, n, width=32):
@@ -112,8 +66,8 @@ def test_inference_model_structure(tiny_ckpt):
     path, meta = tiny_ckpt
     m = build_inference_model(path, backend="reference", dtype=jnp.float32)
     att = m.layers[0].self_attn
-    assert isinstance(att.q_proj, QuantMember) and att.q_proj.group is att.v_proj.group
-    assert isinstance(m.layers[1].mlp.down_proj, QuantMember)
+    assert isinstance(att.q_proj, CodesLinear) and att.q_proj.group is att.v_proj.group
+    assert isinstance(m.layers[1].mlp.down_proj, CodesLinear)
     # the codes are Variables but not Params; a shared group is stored once
     params = nnx.to_flat_state(nnx.state(m, nnx.Param))
     assert not any(isinstance(v, Codes) for _, v in params)
@@ -125,7 +79,7 @@ def test_inference_model_structure(tiny_ckpt):
 def test_inference_logits_equal_dequantized(which, tiny_ckpt, tiny_ckpt_e2e):
     path, meta = tiny_ckpt if which == "plain" else tiny_ckpt_e2e
     codes = build_inference_model(path, backend="reference", dtype=jnp.float32)
-    dense = build_quantized_model(path, meta, jnp.float32)
+    dense = build_model(path, dtype=jnp.float32)
     tok = jnp.asarray(np.random.default_rng(2).integers(0, SPEC.vocab_size, (2, 24)), jnp.int32)
     fwd = nnx.jit(lambda m, t: m(t))
     a, b = np.asarray(fwd(codes, tok)), np.asarray(fwd(dense, tok))
@@ -139,7 +93,7 @@ def test_inference_logits_equal_dequantized(which, tiny_ckpt, tiny_ckpt_e2e):
 def test_codes_generation_equals_dequantized(tiny_ckpt):
     path, meta = tiny_ckpt
     codes = build_inference_model(path, backend="reference", dtype=jnp.float32)
-    dense = build_quantized_model(path, meta, jnp.float32)
+    dense = build_model(path, dtype=jnp.float32)
     prompt = np.array([5, 6, 7, 8, 9, 10, 11], np.int32)
     a = gen.generate(codes, prompt, 16, eos_id=None)
     b = gen.generate(dense, prompt, 16, eos_id=None)

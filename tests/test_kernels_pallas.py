@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import warnings
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -15,23 +14,9 @@ import pytest
 from quipjax import kernels
 from quipjax.kernels import pallas_e8p
 
+from helpers import case_seed, random_codes
+
 CODEBOOKS = ["E8P12", "E8P12RVQ4B", "E8P12RVQ3B"]
-
-
-def random_codes(rng, codebook, m, n):
-    kc = n // 8
-    if codebook == "E8P12":
-        return jnp.asarray(rng.integers(0, 1 << 16, (m, kc)).astype(np.uint16))
-    c = rng.integers(0, 1 << 16, (m, kc, 2))
-    if codebook == "E8P12RVQ3B":              # E81B stage: indices 0..255
-        c[..., 1] = rng.integers(0, 256, (m, kc))
-    return jnp.asarray(c.astype(np.uint16))
-
-
-def case_seed(*params) -> int:
-    """Seed of a test case: CRC-32 of the repr of its parameters, the same in every process
-    (hash() of a str changes with PYTHONHASHSEED, so a failing case could not be re-run)."""
-    return zlib.crc32(repr(params).encode())
 
 
 def test_case_seed_is_the_same_in_every_process():

@@ -1,11 +1,6 @@
 """XLA (plain JAX, CPU) decode-matmul: equals the reference decode-then-matmul for every E8P
 codebook, shape (including row counts that leave a partial tile), batch shape and input dtype,
 under jit and vmap."""
-import inspect
-import os
-import subprocess
-import sys
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +9,8 @@ import pytest
 
 from quipjax import codebooks, kernels
 from quipjax.kernels import xla_decode
-from test_kernels_pallas import random_codes
+
+from helpers import case_seed, random_codes
 
 CODEBOOKS = ["E8P12", "E8P12RVQ4B", "E8P12RVQ3B"]
 # With 768 KiB tiles (`small_tiles`): 576x1536 runs 4 tiles of 128 rows + 64 rows, 960x576 3 of
@@ -27,22 +23,6 @@ CASES = {(576, 1536): [((), jnp.float32), ((1,), jnp.bfloat16), ((3,), jnp.float
                        ((2, 5), jnp.bfloat16)],
          (960, 576): [((1,), jnp.float32), ((2, 5), jnp.bfloat16)],
          (24, 200): [((), jnp.bfloat16), ((3,), jnp.float32)]}
-
-
-def case_seed(*params) -> int:
-    """Seed of a test case: CRC-32 of the repr of its parameters, the same in every process
-    (hash() of a str changes with PYTHONHASHSEED, so a failing case could not be re-run)."""
-    return zlib.crc32(repr(params).encode())
-
-
-def test_case_seed_is_the_same_in_every_process():
-    """Two interpreters with different string-hash seeds run `case_seed` (its source, without
-    the jax imports of this module) and derive the same seed as this process."""
-    code = f"import zlib\n{inspect.getsource(case_seed)}\nprint(case_seed('E8P12RVQ4B', 576, 1536))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env=dict(os.environ, PYTHONHASHSEED=str(h))).stdout.strip()
-            for h in (1, 2)}
-    assert outs == {str(case_seed("E8P12RVQ4B", 576, 1536))}
 
 
 def assert_matches(y, ref):

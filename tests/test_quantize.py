@@ -99,11 +99,18 @@ def test_zero_weight():
 
 
 def test_bits_per_weight():
+    """One definition, the storage of a quipjax checkpoint: the codes, SU one bit per sign
+    (32 once real-valued), SV float32; a group adds its float32 fuse scales."""
+    from quipjax.group import quantize_group
     W, H = layer(64, 128)
     for name, bits in [("E8P12", 2), ("E8P12RVQ3B", 3), ("E8P12RVQ4B", 4)]:
         ql = quantize_linear(W, H, codebook=name, key=jax.random.key(0))
-        assert ql.bits()["codes"] == 64 * 128 * bits
-        assert ql.bits_per_weight == pytest.approx(bits + 16 * (64 + 128) / (64 * 128))
+        assert ql.bits() == {"codes": 64 * 128 * bits, "SU": 128, "SV": 32 * 64}
+        assert ql.bits_per_weight == bits + (128 + 32 * 64) / (64 * 128)
+        tuned = type(ql)(**{**ql.__dict__, "SU": ql.SU * 1.01})
+        assert tuned.bits()["SU"] == 32 * 128
+        g = quantize_group([W[:40], W[40:]], H, key=jax.random.key(0), codebook=name)
+        assert g.bits() == dict(g.ql.bits(), scales=64)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -150,3 +157,40 @@ def test_indefinite_message_suggests_sigma_reg():
     H = np.diag(np.r_[np.ones(31), -30.0]).astype(np.float32)
     with pytest.raises(ValueError, match="increase sigma_reg"):
         quantize_linear(W, H, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("kw", [{}, {"tune_iters": 1}, {"rounding": "nearest"},
+                                {"codebook": "E8P12RVQ3B"}])
+def test_quantize_stack_is_quantize_linear(kw):
+    """The stacked composition of the same stages gives quantize_linear's bits with the exact
+    lifts, whatever the group width (the last group padded); the vmapped lift is close."""
+    from quipjax.quantize import SequentialLift, VmapLift, proxy, quantize_stack
+    Ws = [layer(40, 64, seed=s)[0] for s in range(3)]
+    _, H = layer(40, 64, seed=9)
+    keys = [jax.random.key(10 + i) for i in range(3)]
+    ref = [quantize_linear(W, H, key=k, **kw) for W, k in zip(Ws, keys)]
+    for lift in (SequentialLift(), SequentialLift(2), VmapLift(2)):
+        got, prox = quantize_stack(Ws, [H] * 3, keys, lift=lift, proxies=True, **kw)
+        assert len(got) == 3
+        for a, b, p, W in zip(ref, got, prox, Ws):
+            assert (a.codebook, a.shape, a.transforms) == (b.codebook, b.shape, b.transforms)
+            np.testing.assert_array_equal(np.asarray(a.SU), np.asarray(b.SU))
+            if isinstance(lift, VmapLift):
+                np.testing.assert_allclose(np.asarray(a.SV), np.asarray(b.SV), rtol=1e-6)
+                assert np.mean(np.asarray(a.codes) == np.asarray(b.codes)) > 0.99
+            else:
+                for f in ("codes", "SV"):
+                    np.testing.assert_array_equal(np.asarray(getattr(a, f)),
+                                                  np.asarray(getattr(b, f)))
+            np.testing.assert_allclose(p, float(proxy(W, a, H, 1e-2)), rtol=1e-5)
+
+
+def test_quantize_stack_errors():
+    from quipjax.quantize import quantize_stack
+    W, H = layer(40, 64)
+    with pytest.raises(ValueError, match="share a shape"):
+        quantize_stack([W, W[:, :32]], [H, H[:32, :32]], [jax.random.key(0)] * 2)
+    with pytest.raises(ValueError, match="as many Ws, Hs and keys"):
+        quantize_stack([W], [H, H], [jax.random.key(0)])
+    with pytest.raises(ValueError, match="quantize_linear for a rounding function"):
+        quantize_stack([W], [H], [jax.random.key(0)], rounding=lambda r, cb: None)

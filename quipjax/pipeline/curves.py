@@ -14,17 +14,12 @@ def collect_curves(ckpt_dir: str, num_layers: int) -> dict:
     {"epoch", "train", "valid", "best", "seconds"} (epoch 0: before tuning)."""
     inblock = {}
     for i in range(num_layers):
-        path = os.path.join(ckpt_dir, "layers", f"layer_{i:03d}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                c = json.load(f).get("curves")
+        if ckpt.layer_done(ckpt_dir, i):
+            c = ckpt.layer_info(ckpt_dir, i).get("curves")
             if c:
                 inblock[str(i)] = c
-    e2e = None
-    if ckpt.e2e_done(ckpt_dir):
-        with open(os.path.join(ckpt_dir, "e2e.json")) as f:
-            e2e = json.load(f).get("curve")
-    return {"in_block": inblock, "e2e": e2e}
+    info = ckpt.e2e_info(ckpt_dir)
+    return {"in_block": inblock, "e2e": None if info is None else info.get("curve")}
 
 
 def write_curves(ckpt_dir: str, num_layers: int) -> dict:

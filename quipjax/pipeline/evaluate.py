@@ -1,8 +1,10 @@
 """Perplexity by the protocol: exp(mean next-token NLL over every predicted position).
 
-The forward runs block by block through one compiled block function (all blocks share a
-structure, so XLA compiles it once), which also lets a model too large for memory stream its
-blocks from disk.
+The forward runs block by block through one compiled block program (all blocks share a
+structure, so XLA compiles it once), with the windows split over the devices of a
+`distributed.Placement` (one device without a mesh): each device runs the one-device program
+on its windows and the per-window losses are added in window order, so the value is the same
+on any mesh.
 """
 from __future__ import annotations
 
@@ -10,35 +12,21 @@ import math
 import time
 from typing import Callable, Iterable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["run_block", "embed", "nll_sum", "nll_sum_fn", "perplexity", "forward_logits"]
+from quipjax.distributed import EvalPrograms, Placement
+
+__all__ = ["perplexity", "forward_logits"]
 
 
-@nnx.jit
-def run_block(block, x):
-    """x (B, T, d) float32 -> block(x) with positions 0..T-1."""
-    return block(x, jnp.arange(x.shape[1]))
-
-
-@nnx.jit
-def embed(model, tokens):
-    return model.embed(tokens)
-
-
-def nll_sum_fn(model, x, tokens):
-    """Sum of -log p(tokens[:, t+1] | ...) over t, from the last hidden states x (B, T, d).
-    (`model` needs only `.head`.)"""
-    logits = model.head(x[:, :-1])
-    logz = jax.nn.logsumexp(logits, -1)
-    tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
-    return jnp.sum(logz - tgt)
-
-
-nll_sum = nnx.jit(nll_sum_fn)
+def forward_logits(model, tokens, blocks: Optional[Iterable] = None) -> jnp.ndarray:
+    """Logits (B, T, vocab) float32 of tokens (B, T) int32, running the blocks one at a time
+    (one device)."""
+    ev = EvalPrograms(model, blocks=blocks)
+    x = ev.blocks(ev.embed(ev.put(np.asarray(tokens, np.int32))))
+    return _logits(model, x)
 
 
 @nnx.jit
@@ -46,36 +34,38 @@ def _logits(model, x):
     return model.head(x)
 
 
-def forward_logits(model, tokens, blocks: Optional[Iterable] = None) -> jax.Array:
-    """Logits (B, T, vocab) float32, running the blocks one at a time."""
-    x = embed(model, jnp.asarray(tokens))
-    for block in (blocks if blocks is not None else model.layers):
-        x = run_block(block, x)
-    return _logits(model, x)
-
-
-def perplexity(model, windows: np.ndarray, *, batch: int = 1, progress: Optional[Callable] = None,
-               blocks: Optional[Iterable] = None, mesh=None) -> dict:
+def perplexity(model, windows: np.ndarray, *, placement: Placement = Placement(),
+               batch: int = 1, progress: Optional[Callable] = None,
+               blocks: Optional[Iterable] = None) -> dict:
     """{"ppl", "tokens", "seconds"} over windows (k, T) int32 (T - 1 predictions each).
 
-    mesh: split the windows over the devices of a `jax.sharding.Mesh` (`batch` windows per
-    device) with the weights placed by `quipjax.sharding.RULES`; same value as without."""
-    if mesh is not None:
-        from quipjax import sharding
-        return sharding.perplexity(model, windows, mesh, batch=batch, progress=progress,
-                                   blocks=blocks)
+    placement: the devices the windows are split over (`batch` windows per device) and where
+    the weights live. progress(done, total, ppl so far) after each step.
+    """
     windows = np.asarray(windows, np.int32)
+    ev = EvalPrograms(model, placement, blocks)
+    D = placement.devices
+    G = D * batch
     total, count = 0.0, 0
     t0 = time.perf_counter()
-    layers = list(blocks) if blocks is not None else list(model.layers)
-    for i in range(0, len(windows), batch):
-        tok = jnp.asarray(windows[i:i + batch])
-        x = embed(model, tok)
-        for block in layers:
-            x = run_block(block, x)
-        total += float(nll_sum(model, x, tok))
-        count += tok.shape[0] * (tok.shape[1] - 1)
+    N, T = windows.shape
+    for s in range(0, N, G):
+        real = windows[s:s + G]
+        # one device takes a short last batch; several pad it (and refuse a ragged device)
+        tok = np.zeros((G if D > 1 else len(real), T), np.int32)
+        tok[:len(real)] = real
+        tok_d = ev.put(tok)
+        per_dev = np.asarray(ev.nll(ev.blocks(ev.embed(tok_d)), tok_d))   # (D,)
+        n_real = len(real)
+        for d in range(D):
+            w = d * batch
+            if w >= n_real:
+                break
+            if w + batch > n_real:
+                raise ValueError(f"{N} windows with batch {batch} on {D} devices: the last "
+                                 "device batch is ragged; use batch=1")
+            total += float(per_dev[d])
+            count += batch * (T - 1)
         if progress is not None:
-            progress(min(i + batch, len(windows)), len(windows), math.exp(total / count))
-    return {"ppl": math.exp(total / count), "tokens": count,
-            "seconds": time.perf_counter() - t0}
+            progress(min(s + G, N), N, math.exp(total / count))
+    return {"ppl": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - t0}

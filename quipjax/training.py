@@ -1,0 +1,164 @@
+"""Training with optax: the loop both fine-tuning stages use, and their losses.
+
+`tune` trains an NNX module in place: optax Adam with one learning rate for the sign vectors
+su/sv (`quipjax.layers.TunableQuantLinear`) and another for every other trainable
+(`optax.multi_transform`), gradient accumulation (`optax.MultiSteps`), jitted steps, a
+validation pass per epoch, the best state kept, early stopping. The losses: `block_mse`
+(in-block: the FP block's outputs on the FP inputs) and `distill_kl` (end to end: KL from the
+FP model's next-token distribution, computed in chunks of positions).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from quipjax.layers.tunable import SUSV
+
+__all__ = ["TuneConfig", "make_optimizer", "susv_labels", "tune", "block_mse", "distill_kl",
+           "model_forward", "model_hidden"]
+
+
+class TuneConfig(NamedTuple):
+    """Hyperparameters of one tuning run (defaults: the paper's in-block settings)."""
+
+    epochs: int = 5
+    lr: float = 5e-5           # everything but su/sv
+    susv_lr: float = 5e-4      # su and sv
+    batch_size: int = 4
+    update_freq: int = 2       # batches per optimizer step (gradient accumulation)
+    early_stop: int = 3        # stop after this many epochs without a better validation loss
+    seed: int = 0
+
+
+def susv_labels(params) -> object:
+    """A label tree for `optax.multi_transform`: "susv" for su/sv leaves, "other" elsewhere."""
+    def label(path, _):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return "susv" if any(n in SUSV for n in names) else "other"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(params, lr: float, susv_lr: float, update_freq: int = 1):
+    """Adam with lr for su/sv = susv_lr and lr elsewhere, stepping every `update_freq` calls."""
+    tx = optax.multi_transform({"susv": optax.adam(susv_lr), "other": optax.adam(lr)},
+                               susv_labels(params))
+    return optax.MultiSteps(tx, every_k_schedule=update_freq) if update_freq > 1 else tx
+
+
+def block_mse(block, batch) -> jax.Array:
+    """Mean squared error of block(x) against the FP block's outputs. batch = (x, y) (B, T, d)."""
+    x, y = batch
+    out = block(x, jnp.arange(x.shape[1]))
+    return jnp.mean(jnp.square(out - y))
+
+
+def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
+    """Last hidden states (B, T, d) float32 of a `Llama` (before the final norm), each block
+    rematerialized in the backward pass (memory: one block's activations plus block inputs)."""
+    pos = jnp.arange(tokens.shape[1])
+    x = model.embed(tokens)
+    for layer in model.layers:
+        if remat:
+            gdef, state = nnx.split(layer)
+            x = jax.checkpoint(lambda s, h, gdef=gdef: nnx.merge(gdef, s)(h, pos))(state, x)
+        else:
+            x = layer(x, pos)
+    return x
+
+
+def model_forward(model, tokens, remat: bool = True) -> jax.Array:
+    """Logits (B, T, vocab) float32 of a `Llama` (see `model_hidden`)."""
+    return model.head(model_hidden(model, tokens, remat))
+
+
+def distill_kl(model, batch, chunk: int = 128) -> jax.Array:
+    """Mean over tokens of KL(p_fp || p_model). batch = (tokens (B, T), teacher log-probs
+    (B, T, V) float32). Same gradient as the official soft cross-entropy, but 0 at a perfect
+    student, so its value reads directly. The head and the loss run over `chunk` positions
+    at a time, rematerialized, so only (B, chunk, V) logits are live at once."""
+    tokens, logp_fp = batch
+    B, T = tokens.shape
+    h = model_hidden(model, tokens)
+    gdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def part(state, h_c, lp_c):
+        logq = jax.nn.log_softmax(nnx.merge(gdef, state).head(h_c), -1)
+        return jnp.sum(jnp.exp(lp_c) * (lp_c - logq))
+
+    total = sum(part(state, h[:, s:s + chunk], logp_fp[:, s:s + chunk]) for s in range(0, T, chunk))
+    return total / (B * T)
+
+
+def tune(module, loss_fn: Callable, train_batches: Callable[[int], Iterable],
+         valid_batches: Callable[[], Iterable], cfg: TuneConfig, trainable=nnx.Param,
+         progress: Optional[Callable] = None) -> list:
+    """Train `module` in place; keep the parameters with the best validation loss.
+
+    Args:
+      module: an NNX module; its `trainable` variables are trained, the rest held fixed.
+      loss_fn: (module, batch) -> scalar loss; must be jit-traceable.
+      train_batches: epoch -> iterable of batches (shuffled by the caller, from cfg.seed).
+      valid_batches: () -> iterable of batches.
+      cfg: `TuneConfig`.
+      trainable: an NNX filter (default: every `nnx.Param`).
+      progress: optional callable(dict) after each epoch.
+    Returns:
+      The curve: one dict per epoch (epoch 0 is the starting point) with the mean train loss,
+      the validation loss, whether it was the best so far, and the seconds it took.
+    """
+    graphdef, params, rest = nnx.split(module, trainable, ...)
+    tx = make_optimizer(params, cfg.lr, cfg.susv_lr, cfg.update_freq)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, rest, batch):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def evaluate(params, rest, batch):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+    def valid_loss(params):
+        ls = [float(evaluate(params, rest, b)) for b in valid_batches()]
+        return float(np.mean(ls))
+
+    t0 = time.perf_counter()
+    best = valid_loss(params)
+    if not math.isfinite(best):
+        raise FloatingPointError("the validation loss is not finite before tuning: check the inputs")
+    best_params = params
+    curve = [{"epoch": 0, "train": None, "valid": best, "best": True,
+              "seconds": time.perf_counter() - t0}]
+    if progress:
+        progress(curve[-1])
+    worse = 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        losses = []
+        for b in train_batches(epoch):
+            params, opt_state, loss = step(params, opt_state, rest, b)
+            losses.append(loss)
+        v = valid_loss(params)
+        better = v < best
+        curve.append({"epoch": epoch, "train": float(np.mean(jax.device_get(losses))), "valid": v,
+                      "best": better, "seconds": time.perf_counter() - t0})
+        if progress:
+            progress(curve[-1])
+        if better:
+            best, best_params, worse = v, params, 0
+        else:
+            worse += 1
+            if worse >= cfg.early_stop:
+                break
+    nnx.update(module, best_params)
+    return curve
