@@ -308,8 +308,9 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
       rotation: "auto" (Hadamard where one is known, else the randomized FFT), "hadamard",
         "rfft" or "identity" (no incoherence processing: the ablation), or a pair of
         `quipjax.rht.Rotation` values (rot_m, rot_n).
-      rounding: "ldlq" (BlockLDLQ), "nearest" (each block rounded to its nearest codeword,
-        the ablation; tune passes still apply if requested), or your own function
+      rounding: "ldlq" (BlockLDLQ), "nearest" (each block rounded by the codebook's search
+        with no error feedback: the ablation; tune passes still apply if requested; the
+        search is greedy for the RVQ codebooks, see `Codebook.search`), or your own function
         (rotated: `Rotated`, codebook) -> codes (m, n // dim) + code_shape.
       buf_cols: LDLQ buffer width (speed only).
     Returns:
@@ -453,7 +454,7 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
             L = lift.put(np.broadcast_to(np.eye(n, dtype=np.float32), (D, n, n)))
         else:
             L = st["ldl"](r.H)
-            for j in np.nonzero(~np.asarray(st["finite"](L)))[0]:               # the float64 retry
+            for j in np.nonzero(~np.asarray(st["finite"](L)))[0]:     # the float64 retry
                 Lf = factor_float64(jnp.asarray(Hs[idx[j]], jnp.float32),
                                     jnp.asarray(np.asarray(r.SU)[j]), sigma_reg, rotations[1])
                 if Lf is None:

@@ -1,0 +1,61 @@
+"""The dry-run planner: the plans of issue 6 (computed before the planner moved to
+quipjax.pipeline.plan) are unchanged, and every cost it uses says where it was measured."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from absl import flags
+
+from quipjax.pipeline.plan import MEASURED, MEASURED_ON, PlanCosts, plan, read_spec
+from quipjax.pipeline.settings import RunConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "data", "configs")
+
+
+def _paper_config():
+    """experiments/configs/llama7b_2bit.cfg: the paper's settings (6144 x 2048 calibration
+    windows, in-block and end-to-end fine-tuning at 4096 tokens)."""
+    fv = flags.FlagValues()
+    RunConfig.define_flags(fv)
+    cfg = os.path.join(HERE, "..", "experiments", "configs", "llama7b_2bit.cfg")
+    fv(["prog", f"--flagfile={cfg}"])
+    return RunConfig.from_flags(fv)
+
+
+@pytest.mark.parametrize("model,mesh,want", [
+    # GB per device of: Hessians, quantization, in-block FT, end-to-end FT, perplexity
+    ("llama2_7b", {"data": 8, "model": 1}, [5.5, 2.3, 7.7, 40.4, 14.6]),
+    ("llama2_70b", {"data": 1, "model": 8}, [34.7, 14.9, 12.6, 66.0, 20.5]),
+])
+def test_plans_of_issue_6_unchanged(model, mesh, want):
+    spec, _ = read_spec(os.path.join(CONFIGS, f"{model}.json"))
+    stages = plan(spec, mesh, PlanCosts.builtin(), _paper_config())
+    assert [s["name"] for s in stages] == ["Hessian collection", "quantization (no FT)",
+                                           "in-block fine-tuning", "end-to-end fine-tuning",
+                                           "perplexity (each of FP and quantized)"]
+    assert [round(s["memory_gb"], 1) for s in stages] == want
+    assert all(s["fits"] for s in stages)
+
+
+def test_every_cost_names_its_machine(tmp_path):
+    built = PlanCosts.builtin()
+    assert len(built.sources()) == 4
+    assert all(src == MEASURED_ON and "measured" not in unit for unit, src in built.sources())
+    line = {k: v for k, v in MEASURED[0].items() if k != "source"}
+    f = tmp_path / "costs.jsonl"
+    f.write_text(json.dumps(line) + "\n")
+    mine = PlanCosts.from_jsonl(str(f))
+    assert mine.sources() == [(f"matrix {line['shape']}", f"{f} (your measurement)")]
+
+
+def test_plan_script_prints_the_source_of_its_costs():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "..", "experiments", "plan.py"),
+                        f"--model={os.path.join(CONFIGS, 'llama2_7b.json')}", "--mesh=data:8"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"measured on {MEASURED_ON}" in p.stdout
+    assert "| Hessian collection |" in p.stdout
