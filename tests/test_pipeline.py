@@ -211,26 +211,27 @@ def test_hessians_killed_after_a_layer_is_saved_leave_no_activations(tiny_hf, tm
 def test_hessian_cache_is_keyed_by_batch_size(tiny_hf, tmp_path, monkeypatch):
     """Hessians depend on the windows per forward pass in their last bits (the matmul row
     blocks differ), so runs with other batch sizes must not share a cache entry."""
+    from quipjax.pipeline import run
     path, _ = tiny_hf
     cache = tmp_path / "cache"
     monkeypatch.setenv("QUIPJAX_CACHE", str(cache))
     base = dict(model=path, settings=QuantSettings(seed=2), devset_size=4, ctx_size=64,
                 dtype="float32", evaluate=False)
+    hdirs = {}
     for b in (1, 2):
-        quantize_model(RunConfig(output_dir=str(tmp_path / f"b{b}"), batch_size=b, **base),
-                       log=lambda *a: None)
-    dirs = sorted(os.listdir(cache / "hessians"))
-    assert len(dirs) == 2, dirs
+        job = run.open_job(RunConfig(output_dir=str(tmp_path / f"b{b}"), batch_size=b, **base),
+                           log=lambda *a: None)
+        hdirs[b] = run.hessian_stage(job)
+        assert ckpt.read_meta(job.out)["hessian_batch"] == b
+    assert hdirs[1] != hdirs[2] and sorted(os.listdir(cache / "hessians")) == sorted(
+        os.path.basename(d) for d in hdirs.values())
     src = loaders.open_checkpoint(path)
     windows = data.calibration_windows(src.tokenizer, 4, 64, 2)
     direct = str(tmp_path / "direct")
     hessians.collect_hessians(src, windows, direct, dtype=jnp.float32, batch=2)
-    got = [d for d in dirs if np.array_equal(
-        hessians.load_layer_hessians(str(cache / "hessians" / d), 1)["up"],
-        hessians.load_layer_hessians(direct, 1)["up"])]
-    assert len(got) == 1
-    meta = ckpt.read_meta(str(tmp_path / "b2"))
-    assert meta["hessian_batch"] == 2
+    for b, same in ((1, False), (2, True)):
+        assert np.array_equal(hessians.load_layer_hessians(hdirs[b], 1)["up"],
+                              hessians.load_layer_hessians(direct, 1)["up"]) == same
 
 
 def test_config_loader_errors_are_not_swallowed(tiny_hf, tmp_path, monkeypatch):
