@@ -63,11 +63,6 @@ class _Placed:
         self.leaves = [jax.device_put(l, NamedSharding(self.mesh, s))
                        for l, s in zip(self.leaves, self.specs)]
 
-    def merge(self, leaves):
-        """Inside a program: the module from (gathered) leaves."""
-        leaves = gather(leaves, self.specs, self.mesh)
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.tdef, leaves))
-
 
 # ---------------------------------------------------------------------------- block forward
 
@@ -218,10 +213,6 @@ class ShardLift(Lift):
 
     def put(self, x):
         return jax.device_put(x, NamedSharding(self.mesh, P(BATCH)))
-
-    def lowered(self, fn, in_axes, *args):
-        """The lowered stage program (for HLO inspection)."""
-        return self(fn, in_axes).lower(*args)
 
 
 # ---------------------------------------------------------------------------- evaluation
