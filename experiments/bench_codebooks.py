@@ -12,13 +12,14 @@ from __future__ import annotations
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 import jax
 import numpy as np
 
 from quipjax import codebooks
 from quipjax.codebooks import e8p
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("samples", 1_000_000, "Gaussian 8-dim vectors for the MSE.")
@@ -56,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -26,7 +26,7 @@ import json
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import numpy as np
 
 from quipjax import kernels
 from quipjax.kernels import xla_decode
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["576x1536", "4096x4096", "4096x11008"], "m x n of Q (y = x @ Q^T).")
@@ -227,4 +228,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

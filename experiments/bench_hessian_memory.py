@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("devset_sizes", ["8", "32"], "Calibration windows per run.")
@@ -86,7 +87,7 @@ def main(argv):
         if FLAGS.shape == "llama2_7b":
             model = os.path.join(tmp, "llama2_7b_shaped")
             make_7b_folder(model, FLAGS.layers)
-        print(f"| model | windows x ctx | peak RSS (MB) | seconds |")
+        print("| model | windows x ctx | peak RSS (MB) | seconds |")
         print("|---|---|---|---|")
         for n in FLAGS.devset_sizes:
             args = json.dumps({"model": model, "devset": int(n), "ctx": FLAGS.ctx_size})
@@ -99,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

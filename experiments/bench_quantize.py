@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import numpy as np
 
 from quipjax import codebooks, hessian, ldlq
 from quipjax.quantize import quantize_linear
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["1024x1024", "4096x4096", "4096x11008"], "Layer shapes m x n (out x in).")
@@ -134,4 +135,4 @@ def seed_table(base_cbs, base_shapes):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -32,7 +32,8 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "matrix", ["matrix", "block", "proxy"], "What to measure.")
@@ -246,4 +247,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", None, "First checkpoint directory.", required=True)
@@ -72,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,9 +21,10 @@ import json
 import shutil
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from quipjax.formats import quipsharp as qs
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("to", None, ["quipjax", "quipsharp"], "Direction: 'quipjax' reads an official "
@@ -65,7 +66,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if not (FLAGS.to and FLAGS.input and FLAGS.output):
-        raise app.UsageError("--to, --input and --output are required")
+        raise cli.UserError("--to, --input and --output are required")
     if FLAGS.to == "quipjax":
         out = qs.import_folder(FLAGS.input, FLAGS.output, verify=FLAGS.verify,
                                overwrite=FLAGS.overwrite, verify_flops=FLAGS.verify_flops,
@@ -94,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, positional="input")

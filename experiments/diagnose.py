@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import quipjax
 from quipjax import layers
 from quipjax.models.adapter import get_path
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import data
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "FP model (default: the shipped SmolLM2).")
@@ -76,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,12 +13,13 @@ import json
 import os
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 
 import quipjax
 from quipjax.pipeline import data
 from quipjax.pipeline.checkpoint import read_meta
 from quipjax.pipeline.run import perplexity_bar, tokenizer_from_ref
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "FP model: HF folder or .gguf (default: the shipped SmolLM2). "
@@ -41,6 +42,9 @@ def main(argv):
     if FLAGS.cpu_devices:
         import jax
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    if FLAGS.ctx_size < 2 or FLAGS.max_windows < 1:
+        raise ValueError(f"need --ctx_size >= 2 and --max_windows >= 1, got {FLAGS.ctx_size} "
+                         f"and {FLAGS.max_windows}")
     placement = quipjax.Placement(quipjax.parse_mesh(FLAGS.mesh))
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.checkpoint:
@@ -53,9 +57,8 @@ def main(argv):
         tok = src.tokenizer
         model = quipjax.load_model(src, dtype, placement=placement)
     if FLAGS.text_file:
-        with open(FLAGS.text_file, encoding="utf-8") as f:
-            windows = data.text_windows(tok, f.read(), FLAGS.ctx_size, FLAGS.max_windows,
-                                        FLAGS.text_file)
+        windows = data.text_windows(tok, data.read_text(FLAGS.text_file), FLAGS.ctx_size,
+                                    FLAGS.max_windows, FLAGS.text_file)
         name = os.path.basename(FLAGS.text_file)
     else:
         windows = data.eval_windows(tok, FLAGS.dataset, FLAGS.ctx_size)[:FLAGS.max_windows]
@@ -68,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, positional="model")

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +29,7 @@ import quipjax
 from quipjax import generate as gen
 from quipjax import load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A quantized checkpoint (the --output_dir of "
@@ -157,6 +158,7 @@ class _Streamer:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)     # orbax logs every restore at INFO
+    gen.check_sampling(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     dtype = jnp.dtype(FLAGS.dtype)
     src = open_checkpoint(_source_path())
     tok = src.tokenizer
@@ -208,4 +210,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, positional="prompt")

@@ -62,12 +62,13 @@ import traceback
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA driver here
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide "Could not find cuda drivers"
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pltriton  # noqa: E402
+from quipjax.pipeline import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "experiments/kernel_ptx.py:example_targets",
@@ -147,13 +148,13 @@ def load_target(spec: str):
     """'pkg.mod:fn' or 'path/file.py:fn' -> the callable (this file's own functions directly)."""
     mod_part, sep, fn_name = spec.rpartition(":")
     if not sep or not mod_part or not fn_name:
-        raise app.UsageError(f"--target must be module:function, got {spec!r}")
+        raise cli.UserError(f"--target must be module:function, got {spec!r}")
     if mod_part.endswith(".py") or os.sep in mod_part:
         path = os.path.abspath(mod_part)
     else:
         found = importlib.util.find_spec(mod_part)
         if found is None:
-            raise app.UsageError(f"--target: no module {mod_part!r} (sys.path starts {sys.path[:3]})")
+            raise cli.UserError(f"--target: no module {mod_part!r} (sys.path starts {sys.path[:3]})")
         path = os.path.abspath(found.origin or "")
     if path == os.path.abspath(__file__):  # don't import this file twice (absl flags clash)
         return globals()[fn_name]
@@ -420,4 +421,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

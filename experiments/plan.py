@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 import quipjax
 from quipjax.distributed import mesh_shape
 from quipjax.pipeline.plan import PlanCosts, plan, read_spec
+from quipjax.pipeline.quantization import check_model
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 quipjax.RunConfig.define_flags()        # quantize.py's flags, so its flagfiles work
@@ -43,8 +45,10 @@ def _hms(s):
 
 def main(argv):
     del argv
-    spec, where = read_spec(FLAGS.model)
     cfg = quipjax.RunConfig.from_flags(FLAGS)
+    cfg.check_model_given()
+    spec, where = read_spec(FLAGS.model)
+    check_model(spec, cfg.settings.codebook)   # what quantize.py would refuse, plan refuses
     shape = mesh_shape(FLAGS.mesh)
     D = shape["data"] * shape["model"]
     c = PlanCosts.from_jsonl(FLAGS.costs) if FLAGS.costs else PlanCosts.builtin()
@@ -101,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, positional="model")

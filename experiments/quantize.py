@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 import quipjax
+from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 quipjax.RunConfig.define_flags()
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, positional="model", resumable=True)

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["KVCache", "init_cache", "forward_cached", "sample_logits", "GenerationResult",
-           "generate", "tokens_per_second", "cache_dtype_of"]
+           "generate", "tokens_per_second", "cache_dtype_of", "check_sampling"]
 
 
 @jax.tree_util.register_dataclass
@@ -242,6 +242,18 @@ def default_max_len(prompt_len: int, max_new_tokens: int, prefill_bucket: int = 
     return _round_up(max(_round_up(prompt_len, prefill_bucket), prompt_len + max_new_tokens), 128)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """A ValueError naming the first bad generation setting (before any model is loaded)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no limit), got {top_k}")
+
+
 def _check_request(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, max_len,
                    prefill_bucket) -> tuple:
     """(prompt (B, T) int32, padded prompt length, cache length) of a valid request; a
@@ -251,11 +263,7 @@ def _check_request(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
         prompt = prompt[None]
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt_ids must be (T,) or (B, T) with T >= 1, got shape {prompt.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, "
-                         f"{top_p}, {top_k})")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     T = prompt.shape[1]
     P = _round_up(T, prefill_bucket)
     max_len = default_max_len(T, max_new_tokens, prefill_bucket) if max_len is None else max_len

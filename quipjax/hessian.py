@@ -122,8 +122,17 @@ def merge(a: HessianState, b: HessianState) -> HessianState:
 
 
 def finalize(state: HessianState) -> HessianStats:
-    """E[x x^T], E[x] and the row count (float32). Symmetric by construction."""
+    """E[x x^T] (n, n), E[x] (n,) and the row count () (float32). Symmetric by construction.
+
+    Raises a ValueError for a concrete state with no rows (count 0: the statistics would be
+    0 / 0 = NaN). Under tracing (jit / vmap / shard_map) the count is not known and an empty
+    state gives an all-NaN H and mean (check `count > 0`)."""
     count = state.count_hi + state.count_lo
+    known = count.to_concrete_value() if isinstance(count, jax.core.Tracer) else count
+    if known is not None and not float(known) > 0:
+        raise ValueError(f"hessian.finalize: no rows were accumulated (count = {float(known):g}):"
+                         " call update(state, x) with at least one row (and a mask that keeps "
+                         "at least one) before finalize")
     inv = 1.0 / count
     # divide hi and lo separately, then add: the pair's precision survives the division
     H = state.xtx_hi * inv + state.xtx_lo * inv

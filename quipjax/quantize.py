@@ -37,11 +37,12 @@ from quipjax import codebooks
 from quipjax import hessian
 from quipjax import ldlq
 from quipjax import rht
+from quipjax.codebooks.base import concrete
 
 __all__ = ["QuantizedLinear", "FORMAT_VERSION", "Rotated", "check_inputs", "check_settings",
            "rotations_for", "rotate_and_scale", "factor", "factor_float64", "round_ldlq",
-           "assemble", "proxy", "quantize_linear", "Lift", "SequentialLift", "VmapLift", "lifted_stages",
-           "quantize_stack"]
+           "assemble", "check_result", "proxy", "quantize_linear", "Lift", "SequentialLift",
+           "VmapLift", "lifted_stages", "quantize_stack"]
 
 # Version of the QuantizedLinear layout (codes, SU, SV, metadata); bump on any change that
 # would make an old checkpoint decode differently.
@@ -128,21 +129,34 @@ class QuantizedLinear:
 
 # ------------------------------------------------------------------------------- stages
 
+def _known(*xs) -> bool:
+    """True when the values of all xs are known (`codebooks.base.concrete`): not inside
+    jit / vmap. Checks that need values run only then."""
+    return all(concrete(x) is not None for x in xs)
+
+
 @jax.jit
-def _input_stats(W, H):
+def _w_stats(W):
+    return jnp.sum(~jnp.isfinite(W))
+
+
+@jax.jit
+def _h_stats(H):
     # symmetry via H r vs H^T r for a fixed random r: two passes over H, no transpose of it
     # (an asymmetric H passes only on a measure-zero set of r)
     r = jax.random.normal(jax.random.key(0), (H.shape[0],), H.dtype)
     hr = jnp.dot(H, r, precision=_HI)
     rh = jnp.dot(r, H, precision=_HI)
-    return (jnp.sum(~jnp.isfinite(W)), jnp.sum(~jnp.isfinite(H)),
-            jnp.max(jnp.abs(H)) * jnp.sum(jnp.abs(r)), jnp.max(jnp.abs(hr - rh)),
-            jnp.mean(jnp.diagonal(H)))
+    return (jnp.sum(~jnp.isfinite(H)), jnp.max(jnp.abs(H)) * jnp.sum(jnp.abs(r)),
+            jnp.max(jnp.abs(hr - rh)), jnp.mean(jnp.diagonal(H)))
 
 
 def check_inputs(W, H, codebook) -> None:
     """Raise a ValueError naming the fix unless W (m, n) and H (n, n) float32 can be quantized
-    with `codebook`: shapes, n % 8, NaN/Inf, symmetry of H, a positive mean diagonal."""
+    with `codebook`: shapes, n % 8, NaN/Inf, symmetry of H, a positive mean diagonal.
+
+    Under tracing (jit / vmap) only the shape checks run: the value checks (NaN/Inf,
+    symmetry, mean diagonal) need concrete arrays and are skipped for a traced W or H."""
     cb = codebooks.get(codebook)
     if W.ndim != 2:
         raise ValueError(f"W must be a 2-D (out, in) matrix, got shape {W.shape}")
@@ -155,10 +169,14 @@ def check_inputs(W, H, codebook) -> None:
                          "BlockLDLQ rounds blocks of 8 columns; pad the layer's inputs")
     if n % cb.dim:
         raise ValueError(f"the input dimension {n} is not divisible by {cb.name}'s dim {cb.dim}")
-    bad_w, bad_h, scale, asym, mean_diag = (float(v) for v in _input_stats(W, H))
-    if bad_w:
-        raise ValueError(f"W contains {int(bad_w)} NaN or Inf entries: fix the checkpoint or the "
-                         "layer before quantizing")
+    if _known(W):
+        bad_w = int(_w_stats(concrete(W)))
+        if bad_w:
+            raise ValueError(f"W contains {bad_w} NaN or Inf entries: fix the checkpoint or "
+                             "the layer before quantizing")
+    if not _known(H):
+        return
+    bad_h, scale, asym, mean_diag = (float(v) for v in _h_stats(concrete(H)))
     if bad_h:
         raise ValueError(f"H contains {int(bad_h)} NaN or Inf entries: the calibration activations "
                          "overflowed or were corrupted; recollect the Hessian")
@@ -173,12 +191,16 @@ def check_inputs(W, H, codebook) -> None:
 def check_settings(codebook, scale: Optional[float], sigma_reg: float,
                    rounding: Union[str, Callable] = "ldlq") -> float:
     """The scale rho to use (the codebook's `default_scale` when `scale` is None); a ValueError
-    for a non-positive scale, a negative sigma_reg or an unknown rounding."""
+    for a non-positive scale, a negative sigma_reg or an unknown rounding. A traced scale or
+    sigma_reg (a jit argument that is not static) is passed through unchecked."""
     cb = codebooks.get(codebook)
-    rho = cb.default_scale if scale is None else float(scale)
-    if not (rho > 0 and np.isfinite(rho)):
-        raise ValueError(f"scale must be a positive number, got {scale}")
-    if sigma_reg < 0:
+    if scale is not None and not _known(scale):
+        rho = scale                                   # a traced scale: not checked
+    else:
+        rho = cb.default_scale if scale is None else float(scale)
+        if not (rho > 0 and np.isfinite(rho)):
+            raise ValueError(f"scale must be a positive number, got {scale}")
+    if _known(sigma_reg) and concrete(sigma_reg) < 0:
         raise ValueError(f"sigma_reg must be >= 0, got {sigma_reg}")
     if not callable(rounding) and rounding not in ("ldlq", "nearest"):
         raise ValueError(f"rounding must be 'ldlq', 'nearest' or a function (rotated, codebook) "
@@ -217,11 +239,11 @@ class Rotated(NamedTuple):
     scale: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("rotations",))
-def rotate_and_scale(W, H, key, sigma_reg, rho, rotations) -> Rotated:
-    """Regularize H (`hessian.regularize`), apply the RHT with signs drawn from `key`, divide
-    the rotated weight by RMS / rho. W (m, n), H (n, n) float32; sigma_reg, rho float32
-    scalars; rotations a static (rot_m, rot_n) pair (`rotations_for`). Returns `Rotated`."""
+def _rotate_and_scale(W, H, key, sigma_reg, rho, rotations) -> Rotated:
+    # Inside a caller's jit, sigma_reg and rho (and W, H) may be constants, which XLA would
+    # fold differently from the parameters of this stage's own program (rms / rho: SV one ulp
+    # off); the barrier keeps the eager call's bits.
+    W, H, sigma_reg, rho = jax.lax.optimization_barrier((W, H, sigma_reg, rho))
     Hreg = hessian.regularize(H, sigma_reg)
     Wr, Hr, SU, SV = rht.incoherence_transform(W, Hreg, key, rotations=rotations)
     rms = jnp.sqrt(jnp.mean(Wr * Wr))
@@ -229,6 +251,26 @@ def rotate_and_scale(W, H, key, sigma_reg, rho, rotations) -> Rotated:
     # an all-zero W: quantize zeros at scale 1 and fold a zero scale into SV (What = 0)
     safe = jnp.where(wscale > 0, wscale, 1.0)
     return Rotated(Wr / safe, Hr, SU, SV, jnp.where(wscale > 0, wscale, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _rotate_and_scale_seq(rotations):
+    # Under vmap, one matrix after the other (lax.map): a batched mean over (k, m, n) sums in
+    # another order than the (m, n) one (scale, hence SV, off by an ulp). The custom_jvp
+    # differentiates the plain function (custom_vmap alone has no reverse mode).
+    plain = functools.partial(_rotate_and_scale, rotations=rotations)
+    fn = jax.custom_jvp(jax.custom_batching.sequential_vmap(plain))
+    fn.defjvp(lambda primals, tangents: jax.jvp(plain, primals, tangents))
+    return fn
+
+
+@functools.partial(jax.jit, static_argnames=("rotations",))
+def rotate_and_scale(W, H, key, sigma_reg, rho, rotations) -> Rotated:
+    """Regularize H (`hessian.regularize`), apply the RHT with signs drawn from `key`, divide
+    the rotated weight by RMS / rho. W (m, n), H (n, n) float32; sigma_reg, rho float32
+    scalars; rotations a static (rot_m, rot_n) pair (`rotations_for`). Returns `Rotated`.
+    The same bits eagerly, inside a jit and under vmap (which runs the matrices in a loop)."""
+    return _rotate_and_scale_seq(rotations)(W, H, key, sigma_reg, rho)
 
 
 def factor_float64(H, SU, sigma_reg, rot_n):
@@ -255,12 +297,21 @@ def _not_positive_definite(sigma_reg) -> ValueError:
 
 
 def factor(Hr, *, H, SU, sigma_reg: float, rot_n) -> jax.Array:
-    """L (n, n) float32 of the block LDL of the rotated Hessian Hr (`ldlq.block_ldl`); when
-    float32 Cholesky fails, the float64 retry from the un-rotated H (`factor_float64`).
-    Raises a ValueError when H + sigma_reg I is not positive definite."""
+    """L (n, n) float32 of the block LDL of the rotated Hessian Hr (n, n) float32
+    (`ldlq.block_ldl`); when the float32 Cholesky fails, the float64 retry from the
+    un-rotated H (n, n) and the signs SU (n,) (`factor_float64`). Raises a ValueError when
+    H + sigma_reg I is not positive definite.
+
+    Under tracing (jit / vmap, or a traced H, SU or sigma_reg) the float64 retry is
+    unavailable (it needs concrete arrays and x64): the float32 L is returned as is, and a
+    factorization that failed gives a non-finite L (NaN) instead of an error. Check it with
+    `jnp.all(jnp.isfinite(L))`; `quantize_linear` turns it into a NaN SV (see there)."""
     L, _ = _block_ldl(Hr)
-    if not bool(jnp.all(jnp.isfinite(L))):
-        L = factor_float64(H, SU, sigma_reg, rot_n)
+    if not _known(L, H, SU, sigma_reg):
+        return L
+    if not bool(jnp.all(jnp.isfinite(concrete(L)))):
+        sigma_reg = concrete(sigma_reg)
+        L = factor_float64(concrete(H), concrete(SU), sigma_reg, rot_n)
         if L is None:
             raise _not_positive_definite(sigma_reg)
     return L
@@ -316,7 +367,20 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
     Returns:
       A `QuantizedLinear`.
     Raises:
-      ValueError: bad shapes, NaN/Inf, an asymmetric or indefinite H, unsupported dimensions.
+      ValueError: bad shapes, NaN/Inf, an asymmetric or indefinite H, unsupported dimensions,
+        a non-finite result (weights so large that their RMS overflows float32).
+
+    Under `jax.jit` (the settings codebook, scale, sigma_reg, tune_iters, rotation, rounding,
+    buf_cols static) and `jax.vmap` (over W, H and key) the codes, SU and SV are the eager
+    call's bits; only the checks that need concrete values change:
+      * shape and settings checks still raise; the value checks of `check_inputs` (NaN/Inf,
+        symmetry, mean diagonal) and of the result (`check_result`) are skipped;
+      * the float64 retry of `factor` is unavailable: when the float32 Cholesky of the
+        rotated Hessian fails, SV is set to NaN (all m entries), so `dequantize` and `apply`
+        give NaN, never plausible wrong weights. The codes of such a matrix are meaningless.
+      * weights whose RMS overflows float32 give a non-finite SV as well.
+    So under tracing a result is valid iff `jnp.all(jnp.isfinite(ql.SV))`; to get the float64
+    retry and the errors, call `quantize_linear` eagerly (or `quantize_stack`).
     """
     cb = codebooks.get(codebook)
     W = jnp.asarray(W, jnp.float32)
@@ -325,13 +389,53 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
     rho = check_settings(cb, scale, sigma_reg, rounding)
     rotations = rotations_for(W.shape, rotation)
     r = rotate_and_scale(W, H, key, jnp.float32(sigma_reg), jnp.float32(rho), rotations)
+    L = None
     if callable(rounding):
         codes = rounding(r, cb)
     else:
         L = (jnp.eye(W.shape[1], dtype=jnp.float32) if rounding == "nearest" else
              factor(r.H, H=H, SU=r.SU, sigma_reg=sigma_reg, rot_n=rotations[1]))
         codes = round_ldlq(r.W, L, cb, tune_iters=tune_iters, Hr=r.H, buf_cols=buf_cols)
-    return assemble(codes, r, cb, rotations)
+    ql = assemble(codes, r, cb, rotations)
+    if _known(L, ql.SV):
+        check_result(ql, W)
+    elif L is not None:
+        # no float64 retry under tracing: a failed factorization is flagged by a NaN SV
+        ql = dataclasses.replace(ql, SV=jnp.where(jnp.all(jnp.isfinite(L)), ql.SV, jnp.nan))
+    return ql
+
+
+def check_result(ql: QuantizedLinear, W=None) -> None:
+    """Raise a ValueError naming the cause and the fix unless the scale SV (m,) and the
+    dequantized weight (m, n) of `ql` are finite; W (m, n), if given, only for the message.
+    Needs concrete arrays (a TypeError inside jit / vmap).
+
+    Cheap: reads the m entries of SV. |What_ij| <= |SV_i| ||Q||_F (orthogonal rotations, SU
+    +-1), and codewords are small (below 8 for the registered codebooks, assumed below 1e8),
+    so What is dequantized and checked only when max |SV| sqrt(m n) > 1e30."""
+    sv = concrete(ql.SV)
+    if sv is None:
+        raise TypeError("check_result needs concrete arrays; under jit / vmap a result is valid "
+                        "iff jnp.all(jnp.isfinite(ql.SV))")
+    sv = np.asarray(sv)
+    big = "" if W is None else f" (max |W| = {float(jnp.max(jnp.abs(concrete(W)))):.3g})"
+    fix = ("Fix: quantize W / c for a power of two c that brings max |W| near 1 and multiply "
+           "the result's SV by c (What is linear in SV), or fix the checkpoint if such weights "
+           "are corrupt")
+    bad = int(np.sum(~np.isfinite(sv)))
+    if bad:
+        raise ValueError(
+            f"quantize_linear produced a non-finite scale: {bad} of the {sv.size} entries of SV "
+            f"are NaN or Inf, so the dequantized weight would be too. The RMS of the rotated "
+            f"weight overflows float32{big}: weights above ~1e19 square to Inf. {fix}")
+    m, n = ql.shape
+    if float(np.max(np.abs(sv), initial=0.0)) * np.sqrt(m * n) > 1e30:
+        bad = int(jnp.sum(~jnp.isfinite(concrete(ql.dequantize()))))
+        if bad:
+            raise ValueError(
+                f"the dequantized weight has {bad} NaN or Inf entries although SV is finite "
+                f"(max |SV| = {float(np.max(np.abs(sv))):.3g}): the scale overflows float32 "
+                f"once multiplied by the codewords{big}. {fix}")
 
 
 class Lift:
@@ -373,10 +477,11 @@ class SequentialLift(Lift):
 @dataclasses.dataclass(frozen=True)
 class VmapLift(Lift):
     """`width` matrices at a time through one jitted `jax.vmap` of each stage (one program per
-    stage for the whole group: fewer dispatches for many small matrices). Not bit-identical
-    to `quantize_linear`: batching reorders float sums (measured on CPU: SV off by one ulp,
-    so a code can differ where a value sits on a rounding boundary). The pipeline uses
-    `SequentialLift` / `distributed.ShardLift`, which are exact."""
+    stage for the whole group: fewer dispatches for many small matrices). The rotate stage
+    runs its matrices in a loop under vmap (`rotate_and_scale`: a batched mean would reorder
+    the sum, SV one ulp off); the LDL and LDLQ stages are batched and gave `quantize_linear`'s
+    bits in every case measured (CPU, tests/test_quantize.py), which XLA does not promise for
+    batched matmuls. The pipeline uses `SequentialLift` / `distributed.ShardLift`."""
 
     width: int = 8
 
@@ -467,6 +572,7 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
             out.append(QuantizedLinear(codes=jnp.asarray(codes_h[j]), SU=jnp.asarray(SU_h[j]),
                                        SV=jnp.asarray(SV_h[j]), codebook=cb.name, shape=(m, n),
                                        transforms=(rotations[0].kind, rotations[1].kind)))
+            check_result(out[-1], Ws[idx[j]])
         if proxies:
             SVst = lift.put(SV_h[[min(j, real - 1) for j in range(D)]])
             p = np.asarray(st["proxy"](Wst, codes, r.SU, SVst, Hst, sigma))

@@ -25,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from quipjax import hadamard
 
@@ -73,15 +74,25 @@ class Rotation:
         return self.apply(jnp.eye(self.n, dtype=jnp.float32), axis=0)
 
 
+def _row_major(z):
+    """z with a row-major layout. XLA:CPU's FFT needs row-major operands, but inside a larger
+    jit layout assignment can propagate a consumer's column-major layout (the Cholesky of
+    `quipjax.ldlq.block_ldl`) back into the FFT (a RET_CHECK failure in fft_thunk.cc)."""
+    if not isinstance(z, jax.core.Tracer):
+        return z                                      # op by op: nothing to propagate
+    return with_layout_constraint(z, Layout(tuple(range(z.ndim))))
+
+
 def _rfft_apply(x, axis, transpose):
     dtype = x.dtype
     work = jnp.promote_types(dtype, jnp.float32)
     xm = jnp.moveaxis(x.astype(work), axis, -1)
     h = xm.shape[-1] // 2
-    z = jax.lax.complex(xm[..., :h], xm[..., h:])
+    z = _row_major(jax.lax.complex(xm[..., :h], xm[..., h:]))
     # The forward map is the unitary DFT; its transpose (= inverse, as a real orthogonal map)
     # is the unitary inverse DFT.
     z = jnp.fft.ifft(z, norm="ortho") if transpose else jnp.fft.fft(z, norm="ortho")
+    z = _row_major(z)
     y = jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=-1)
     return jnp.moveaxis(y, -1, axis).astype(dtype)
 

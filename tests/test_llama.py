@@ -13,7 +13,7 @@ from quipjax.pipeline import evaluate
 def np_forward(params, spec, tokens):
     """An independent float64 NumPy Llama forward (HF conventions)."""
     P = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    d, H, KV, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     T = tokens.shape[0]
     inv = 1.0 / spec.rope_theta ** (np.arange(0, hd, 2) / hd)
     sc = dict(spec.rope_scaling or ())

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from quipjax.models.adapter import LLAMA, get_path
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import data, evaluate, hessians
 from quipjax.pipeline.build import build_model
-from quipjax.pipeline.run import quantize_model
+from quipjax.pipeline.run import open_job, quantize_model
 from quipjax.pipeline.settings import QuantSettings, RunConfig
 
 from helpers import TINY as SPEC, needs_smollm2, needs_text
@@ -89,11 +90,19 @@ def test_quantize_resume_reload_and_errors(tiny_hf, tmp_path, monkeypatch, run_k
         saved = json.load(f)
     assert set(saved["seconds"]) >= {"fp_eval", "hessians", "quantize", "quantized_eval"}
 
-    # a run killed after one layer resumes and ends with the same codes
+    # a run killed after one layer resumes and ends with the same codes, also after its model
+    # folder was moved, touched and given a README (the identity is the files' content)
     cfg_b = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b"), "evaluate": False})
     run_killed(quantize_model, cfg_b)
     assert ckpt.layer_done(cfg_b.output_dir, 0) and not ckpt.layer_done(cfg_b.output_dir, 1)
-    quantize_model(cfg_b, log=lambda *a: None)
+    moved = str(tmp_path / "moved_model")
+    shutil.copytree(path, moved)
+    os.utime(os.path.join(moved, "config.json"))
+    with open(os.path.join(moved, "README.md"), "w") as f:
+        f.write("notes")
+    with open(os.path.join(cfg_b.output_dir, "my_notes.txt"), "w") as f:    # the user's file
+        f.write("mine")
+    quantize_model(RunConfig(**{**cfg_b.__dict__, "model": moved}), log=lambda *a: None)
     for i in range(SPEC.num_layers):
         ga, _, _ = ckpt.load_layer(cfg.output_dir, i)
         gb, _, _ = ckpt.load_layer(cfg_b.output_dir, i)
@@ -118,10 +127,15 @@ def test_quantize_resume_reload_and_errors(tiny_hf, tmp_path, monkeypatch, run_k
     np.testing.assert_array_equal(np.asarray(evaluate.forward_logits(mem, tok)),
                                   np.asarray(evaluate.forward_logits(disk, tok)))
 
-    # other settings in the same output_dir are refused
-    with pytest.raises(ValueError, match="other settings"):
-        quantize_model(RunConfig(**{**cfg.__dict__, "settings": QuantSettings(codebook="HI2")}),
-                       log=lambda *a: None)
+    # other settings in the same output_dir are refused, saying what differs; --overwrite
+    # replaces only what quipjax wrote
+    other = RunConfig(**{**cfg_b.__dict__, "settings": QuantSettings(codebook="HI2", seed=3)})
+    with pytest.raises(ValueError, match="settings.codebook: 'E8P12' -> 'HI2'"):
+        quantize_model(other, log=lambda *a: None)
+    assert ckpt.layer_done(cfg_b.output_dir, 2)                 # nothing was touched
+    ckpt.read_meta(cfg_b.output_dir)
+    open_job(RunConfig(**{**other.__dict__, "overwrite": True}), log=lambda *a: None).lock.release()
+    assert sorted(os.listdir(cfg_b.output_dir)) == [".quipjax.lock", "my_notes.txt", "quipjax.json"]
     # a checkpoint from another format version, a truncated one, a missing one
     meta_path = os.path.join(cfg.output_dir, "quipjax.json")
     meta = json.load(open(meta_path))

@@ -1,5 +1,4 @@
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -160,8 +159,8 @@ def test_indefinite_message_suggests_sigma_reg():
 
 
 def test_quantize_stack_is_quantize_linear():
-    """The stacked composition of the same stages gives quantize_linear's bits with the exact
-    lifts, whatever the group width (the last group padded); the vmapped lift is close.
+    """The stacked composition of the same stages gives quantize_linear's bits, whatever the
+    group width (the last group padded), with the sequential and the vmapped lift.
     (tests/test_sharding.py checks tune passes, nearest rounding and the float64 retry
     through the sharded lift.)"""
     kw = {}
@@ -175,14 +174,9 @@ def test_quantize_stack_is_quantize_linear():
         assert len(got) == 3
         for a, b, p, W in zip(ref, got, prox, Ws):
             assert (a.codebook, a.shape, a.transforms) == (b.codebook, b.shape, b.transforms)
-            np.testing.assert_array_equal(np.asarray(a.SU), np.asarray(b.SU))
-            if isinstance(lift, VmapLift):
-                np.testing.assert_allclose(np.asarray(a.SV), np.asarray(b.SV), rtol=1e-6)
-                assert np.mean(np.asarray(a.codes) == np.asarray(b.codes)) > 0.99
-            else:
-                for f in ("codes", "SV"):
-                    np.testing.assert_array_equal(np.asarray(getattr(a, f)),
-                                                  np.asarray(getattr(b, f)))
+            for f in ("codes", "SU", "SV"):
+                np.testing.assert_array_equal(np.asarray(getattr(a, f)),
+                                              np.asarray(getattr(b, f)))
             np.testing.assert_allclose(p, float(proxy(W, a, H, 1e-2)), rtol=1e-5)
 
 

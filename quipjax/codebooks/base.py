@@ -65,8 +65,23 @@ class Codebook:
         raise NotImplementedError
 
     def decode(self, codes: jax.Array) -> jax.Array:
-        """codes (...,) + code_shape -> (..., dim) float32 codewords."""
+        """codes (...,) + code_shape -> (..., dim) float32 codewords. Implementations call
+        `validate_codes` first."""
         raise NotImplementedError
+
+    # -- code validation ----------------------------------------------------------------
+    @property
+    def num_codes(self) -> int:
+        """Number of codes of one vector, 2^(bits_per_weight * dim) (codes 0..num_codes - 1
+        for a one-stage codebook)."""
+        return 2 ** round(self.bits_per_weight * self.dim)
+
+    def validate_codes(self, codes) -> None:
+        """Raise a ValueError naming the codebook, the valid range, the count and the first
+        bad value when concrete codes (...,) + code_shape are out of range. Skipped for
+        traced codes (inside jit / vmap): there an out-of-range code decodes to a clamped
+        index (a valid but wrong codeword) or a wrong value, without an error."""
+        check_codes(codes, self.num_codes, self.name)
 
     # -- shared -------------------------------------------------------------------------
     def quantize_with_values(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -98,6 +113,47 @@ class Codebook:
 
     def __repr__(self):
         return f"Codebook({self.name}: {self.bits_per_weight:g} bits/weight, dim {self.dim})"
+
+
+def concrete(x):
+    """The value of x when it is known, else None: x itself unless it is a tracer; for a
+    tracer the concrete value it stands for (eager `jax.grad`: the primal) or None (inside
+    jit / vmap, where values are abstract). Checks that need values run on known ones."""
+    return x.to_concrete_value() if isinstance(x, jax.core.Tracer) else x
+
+
+def check_codes(codes, size: int, name: str, what: str = "codes") -> None:
+    """Raise a ValueError unless every code is an integer in 0..size - 1.
+
+    codes: any array-like of integers (NumPy, jax.Array, list); traced codes (inside jit /
+    vmap) are not checked. An unsigned dtype whose every value is below `size` (uint16 E8P12
+    codes) is not read at all; otherwise a min / max reduction (the count and the first bad
+    value only on failure). `name` and `what` name the codebook and the field in the message.
+    """
+    codes = concrete(codes)
+    if codes is None:
+        return
+    if not isinstance(codes, (np.ndarray, jax.Array)):
+        codes = np.asarray(codes)
+    dt = np.dtype(codes.dtype)
+    if dt.kind == "b" or (dt.kind == "u" and np.iinfo(dt).max < size):
+        return
+    if codes.size == 0:
+        return
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    lo, hi = xp.min(codes), xp.max(codes)
+    integral = True if dt.kind in "iu" else bool(xp.all(codes == xp.floor(codes)))
+    if integral and lo >= 0 and hi < size:
+        return
+    c = np.asarray(codes).reshape(-1)
+    bad = (c < 0) | (c >= size) | (c != np.floor(c) if dt.kind not in "iu" else False)
+    idx = int(np.flatnonzero(bad)[0])
+    where = tuple(int(i) for i in np.unravel_index(idx, codes.shape))
+    raise ValueError(
+        f"{name}: {int(bad.sum())} of {c.size} {what} are not integers in the valid range "
+        f"0..{size - 1} (first bad value {c[idx].item()!r} at index {where}): "
+        f"decode only codes produced by this codebook ({name}), from a checkpoint of the "
+        f"same codebook and layout")
 
 
 def lex_keys(v: np.ndarray, base: int) -> np.ndarray:

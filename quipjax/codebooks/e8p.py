@@ -291,5 +291,8 @@ class E8P12(Codebook):
         return e8p_quantize_t(xt)
 
     def decode(self, codes):
+        """codes (...,) integers in 0..65535 (uint16) -> (..., 8) float32; out-of-range
+        concrete codes raise (`validate_codes`)."""
+        self.validate_codes(codes)
         codes = jnp.asarray(codes)
         return jnp.asarray(codeword_table())[codes.astype(jnp.int32)]

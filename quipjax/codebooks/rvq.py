@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax.codebooks.base import Codebook, lex_keys
+from quipjax.codebooks.base import Codebook, check_codes, lex_keys
 from quipjax.codebooks.e8p import E8P12, materialize
 
 
@@ -161,6 +161,9 @@ class E81B(Codebook):
         return e81b_quantize_t(xt)
 
     def decode(self, codes):
+        """codes (...,) integers in 0..255 -> (..., 8) float32; out-of-range concrete codes
+        raise (`validate_codes`)."""
+        self.validate_codes(codes)
         return jnp.asarray(e81b_table())[jnp.asarray(codes).astype(jnp.int32)]
 
 
@@ -182,7 +185,21 @@ class RVQ(Codebook):
         c2, x2 = self.stage2.quantize_t((xt - x1) * self.resid_scale)
         return jnp.stack([c1, c2], -1), x1 + x2 / self.resid_scale
 
+    def validate_codes(self, codes) -> None:
+        """Codes (..., 2): a ValueError unless the last axis has the 2 stages (also under
+        tracing) and, for concrete codes, each stage's code is in its stage's range."""
+        if np.shape(codes)[-1:] != (2,):
+            raise ValueError(f"{self.name} codes have shape (..., 2) (stage 1, stage 2), got "
+                             f"{np.shape(codes)}")
+        codes = codes if isinstance(codes, (np.ndarray, jax.Array)) else np.asarray(codes)
+        for i, st in enumerate((self.stage1, self.stage2)):
+            check_codes(codes[..., i], st.num_codes, self.name,
+                        f"stage-{i + 1} codes ({st.name}, codes[..., {i}])")
+
     def decode(self, codes):
+        """codes (..., 2) -> (..., 8) float32 q1 + q2 / resid_scale; out-of-range concrete
+        codes raise (`validate_codes`)."""
+        self.validate_codes(codes)
         codes = jnp.asarray(codes)
         return (self.stage1.decode(codes[..., 0])
                 + self.stage2.decode(codes[..., 1]) / self.resid_scale)

@@ -29,6 +29,9 @@ class HalfIntegerGrid(Codebook):
         return code.astype(jnp.uint8), (code - half + 0.5).astype(xt.dtype)[None]
 
     def decode(self, codes):
+        """codes (...,) integers in 0..2^bits - 1 -> (..., 1) float32; out-of-range concrete
+        codes raise (`validate_codes`)."""
+        self.validate_codes(codes)
         half = 2 ** (self.bits - 1)
         return (jnp.asarray(codes).astype(jnp.float32) - half + 0.5)[..., None]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,11 +21,20 @@ import numpy as np
 
 from quipjax.models.adapter import LLAMA, ModelAdapter, set_param
 from quipjax.models.assemble import assemble_model
+from quipjax.models.files import content_fingerprint, files_fingerprint
 from quipjax.models.llama import Block, Llama, LlamaSpec
 
-__all__ = ["Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
+# transformers prints an advisory about PyTorch on import; quipjax only uses its tokenizers
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# the files of a Hugging Face folder that decide its tokenizer (README, images, ... do not count)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+__all__ = ["TOKENIZER_FILES", "Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
            "default_model_path", "load_block", "load_model", "block_param_names",
-           "source_fp_params", "files_fingerprint", "safetensors_index", "read_config_json"]
+           "source_fp_params", "files_fingerprint", "safetensors_index", "read_config_json",
+           "check_safetensors_file"]
 
 
 def default_model_path() -> str:
@@ -73,20 +81,14 @@ class CheckpointSource:
     def tokenizer(self) -> Tokenizer:
         raise NotImplementedError
 
+    def content_files(self) -> list:
+        """The files that decide the weights, the configuration and the tokenizer."""
+        return [self.path]
+
     def fingerprint(self) -> str:
-        """Identifies the weights (path, size, mtime) for caches of derived data."""
-        files = sorted(glob.glob(os.path.join(self.path, "*"))) if os.path.isdir(self.path) else [self.path]
-        return files_fingerprint(files)
-
-
-def files_fingerprint(files) -> str:
-    """16 hex digits identifying files (in the given order) by absolute path, size and
-    modification time."""
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
+        """16 hex digits from the contents of `content_files()` (not their paths or times):
+        the identity of runs and the key of caches of derived data."""
+        return content_fingerprint(self.content_files())
 
 
 # ---------------------------------------------------------------------------- HF folder
@@ -102,6 +104,8 @@ def safetensors_index(path: str) -> dict:
         missing = sorted({v for v in where.values() if not os.path.exists(v)})
         if missing:
             raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
+        for fn in sorted(set(where.values())):
+            check_safetensors_file(fn)
         return where
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -110,23 +114,51 @@ def safetensors_index(path: str) -> dict:
     from safetensors import safe_open
     where = {}
     for fn in files:
-        with safe_open(fn, framework="numpy") as h:
-            for k in h.keys():
-                where[k] = fn
+        check_safetensors_file(fn)
+        try:
+            with safe_open(fn, framework="numpy") as h:
+                for k in h.keys():
+                    where[k] = fn
+        except Exception as e:          # a truncated or foreign file
+            raise ValueError(f"{fn} is not a readable safetensors file: "
+                             f"{' '.join(str(e).split())}") from e
     return where
 
 
-def read_config_json(path: str) -> dict:
-    """The config.json of a Hugging Face folder, as written; clear errors for a missing file
-    or invalid JSON."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
-    with open(cfg_path) as f:
+def check_safetensors_file(fn: str) -> None:
+    """A safetensors file is complete: its header parses and its size is header + data (a
+    truncated download fails here, naming the file, rather than at its last tensor)."""
+    size = os.path.getsize(fn)
+    with open(fn, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{fn} is not a readable safetensors file ({e})") from e
+    if size != 8 + n + end:
+        raise ValueError(f"{fn} is truncated or damaged: {size} bytes, its header describes "
+                         f"{8 + n + end}; download it again")
+
+
+def read_config_json(path: str, name: str = "config.json") -> dict:
+    """The config.json (or `name`) of a Hugging Face folder, as written; clear errors for a
+    missing file or invalid JSON."""
+    cfg_path = os.path.join(path, name)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no {name}: not a Hugging Face checkpoint folder")
+    with open(cfg_path, "rb") as f:
+        try:
+            cfg = json.loads(f.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object")
+    return cfg
 
 
 class HFFolder(CheckpointSource):
@@ -139,10 +171,21 @@ class HFFolder(CheckpointSource):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         # transformers fills in its defaults for the model types it knows; any other type is
         # read as written (LlamaSpec.from_hf then says whether quipjax can run it)
-        if cfg.get("model_type") in CONFIG_MAPPING:
-            cfg = AutoConfig.from_pretrained(path).to_dict()
-        self.spec = LlamaSpec.from_hf(cfg)
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            if cfg.get("model_type") in CONFIG_MAPPING:
+                cfg = AutoConfig.from_pretrained(path).to_dict()
+            self.spec = LlamaSpec.from_hf(cfg)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg_path}: {' '.join(str(e).split())}") from e
         self._where = safetensors_index(path)
+
+    def content_files(self):
+        files = set(self._where.values()) | {os.path.join(self.path, "config.json")}
+        for name in TOKENIZER_FILES + ("model.safetensors.index.json",):
+            if os.path.exists(os.path.join(self.path, name)):
+                files.add(os.path.join(self.path, name))
+        return sorted(files)
 
     def names(self):
         return list(self._where)
@@ -151,13 +194,24 @@ class HFFolder(CheckpointSource):
         from safetensors import safe_open
         if name not in self._where:
             raise KeyError(f"{name} is not in the checkpoint {self.path}")
-        with safe_open(self._where[name], framework="flax") as h:
-            return np.asarray(h.get_tensor(name).astype(jnp.float32))
+        try:
+            with safe_open(self._where[name], framework="flax") as h:
+                return np.asarray(h.get_tensor(name).astype(jnp.float32))
+        except Exception as e:          # safetensors raises its own types for bad files
+            raise ValueError(f"{self._where[name]}: cannot read tensor {name} (truncated or "
+                             f"corrupt file?): {' '.join(str(e).split())}") from e
 
     @functools.cached_property
     def tokenizer(self):
+        if not any(os.path.exists(os.path.join(self.path, f)) for f in TOKENIZER_FILES[:3]):
+            raise FileNotFoundError(f"no tokenizer.json (nor tokenizer.model / vocab.json) in "
+                                    f"{self.path}: copy the model's tokenizer files there")
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(self.path)
+        try:
+            tok = AutoTokenizer.from_pretrained(self.path)
+        except Exception as e:          # transformers' messages do not name the folder
+            raise ValueError(f"the tokenizer in {self.path} cannot be loaded: "
+                             f"{' '.join(str(e).split())}") from e
         return Tokenizer(lambda s: tok(s, add_special_tokens=False)["input_ids"],
                          lambda ids: tok.decode(ids), {"kind": "hf", "path": os.path.abspath(self.path)},
                          tok.bos_token_id, tok.eos_token_id)

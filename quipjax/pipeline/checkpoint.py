@@ -2,12 +2,21 @@
 
     <dir>/quipjax.json          format version, model spec, tokenizer reference, settings
     <dir>/globals/              orbax: embed_tokens, norm, lm_head (float32)
+    <dir>/globals.json          written after its orbax save completes: names, checksums
     <dir>/layers/layer_XXX/     orbax: norms and, per linear group, codes/SU/SV/scales
     <dir>/layers/layer_XXX.json written after its orbax save completes: the layer is done
     <dir>/metrics.json          written by experiments/quantize.py
 
     <dir>/e2e/, e2e.json        orbax: the end-to-end fine-tuned su/sv and norms, which override
                                 the layers' when e2e.json exists (written last: atomic)
+
+Each of globals.json, layer_XXX.json and e2e.json records under "sha256" the checksum of every
+array of its orbax directory: {"groups/qkv/codes": hex sha256 of "<dtype.str> <shape>\n" and
+the array's C-order bytes, ...}: orbax checks none of the array data it reads back (its zarr
+v2 + zstd chunks carry no checksum; the opt-in zarr3 crc32c covers only the shard index).
+Every load checks them and raises ValueError naming the directory, the array and how to
+rewrite it; records written before the checksums have no "sha256" and load unchecked
+(`verify` reports which parts were checked).
 
 `Reader` reads a finished checkpoint with the end-to-end overrides resolved (the one place
 they are applied: the model builder, the exporter and the metrics read through it).
@@ -20,10 +29,11 @@ scales as float32, so loading gives back bit-identical weights. A layer's other 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
-from typing import Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +42,10 @@ from quipjax.group import QuantizedGroup
 from quipjax.models.llama import LlamaSpec
 from quipjax.quantize import FORMAT_VERSION, QuantizedLinear
 
-__all__ = ["write_meta", "read_meta", "save_layer", "load_layer", "layer_done", "layer_info",
-           "save_globals", "load_globals", "save_e2e", "load_e2e", "e2e_done", "e2e_info",
-           "drop_e2e", "load_layer_tuned", "Reader", "CHECKPOINT_VERSION", "GLOBAL_PATHS"]
+__all__ = ["CHECKPOINT_VERSION", "GLOBAL_PATHS", "Reader", "drop_e2e", "e2e_done", "e2e_info",
+           "layer_done", "layer_info", "load_e2e", "load_globals", "load_layer",
+           "load_layer_tuned", "read_meta", "save_e2e", "save_globals", "save_layer", "verify",
+           "write_meta"]
 
 # Version of the directory layout; bumped with any change that old readers cannot handle.
 CHECKPOINT_VERSION = 2
@@ -84,23 +95,76 @@ def layer_done(ckpt_dir: str, i: int) -> bool:
     return os.path.exists(_layer_dir(ckpt_dir, i) + ".json")
 
 
-def _save_tree(path, tree):
+def _save_tree(path, tree) -> dict:
+    """Save a tree of numpy arrays; returns their checksums (computed while orbax writes)."""
     ocp = _ocp()
     if os.path.exists(path):        # a partial save from a killed run
         shutil.rmtree(path)
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.abspath(path), tree)
+    sums = _checksums(tree)
     ck.wait_until_finished()
+    return sums
 
 
-def _restore_tree(path):
+def _restore_tree(path, fix=""):
     ocp = _ocp()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
     try:
         return ocp.StandardCheckpointer().restore(os.path.abspath(path))
     except Exception as e:
-        raise ValueError(f"{path} could not be read (truncated or corrupt checkpoint): {e}") from e
+        raise ValueError(f"{path} could not be read (truncated or corrupt checkpoint){fix}: "
+                         f"{e}") from e
+
+
+def _leaves(tree, prefix=""):
+    """(path "a/b/c", array) of every array of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}/")
+        elif v is not None:
+            yield prefix + k, v
+
+
+def _sha256(a) -> str:
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str} {a.shape}\n".encode())
+    h.update(a.reshape(-1).view(np.uint8).data if a.size else b"")
+    return h.hexdigest()
+
+
+def _checksums(tree) -> dict:
+    """{array path: sha256} of a tree of numpy arrays (recorded in the json after its save)."""
+    arrays = {k: np.asarray(v) for k, v in _leaves(tree)}
+    if len(arrays) < 2 or sum(a.nbytes for a in arrays.values()) < 1 << 22:
+        return {k: _sha256(a) for k, a in arrays.items()}
+    order = sorted(arrays, key=lambda k: -arrays[k].nbytes)
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as ex:   # hashlib releases the GIL
+        return dict(zip(order, ex.map(_sha256, [arrays[k] for k in order])))
+
+
+def _verify(tree, want: dict | None, path: str, fix: str) -> None:
+    """Check a restored tree against its recorded checksums (None: written before them)."""
+    if want is None:
+        return
+    have = _checksums(tree)
+    if set(have) != set(want):
+        raise ValueError(f"{path} holds the arrays {sorted(have)} but its record lists "
+                         f"{sorted(want)}: the checkpoint is corrupt{fix}")
+    for k in sorted(want):
+        if have[k] != want[k]:
+            raise ValueError(f"{path}: array '{k}' does not match its checksum (sha256 "
+                             f"{have[k]} read, {want[k]} recorded): the checkpoint is "
+                             f"corrupt{fix}")
+
+
+def _read_json(path):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is corrupt: {e}") from e
 
 
 def _pack_group(g: QuantizedGroup) -> dict:
@@ -143,35 +207,41 @@ def _path(key: str) -> str:
 
 
 def save_layer(ckpt_dir: str, i: int, groups: dict, norms: dict, info: dict) -> None:
-    """Save layer i, then mark it done.
+    """Save layer i, then mark it done: layers/layer_XXX.json holds `info`, the groups'
+    metadata ("groups") and the checksums of the stored arrays ("sha256").
 
     groups: name -> QuantizedGroup; norms: the block's other FP parameters, module path (e.g.
     "input_layernorm.weight", "self_attn.q_proj.bias") -> array.
     """
     tree = {"norms": {_key(k): np.asarray(v, np.float32) for k, v in norms.items()},
             "groups": {k: _pack_group(g) for k, g in groups.items()}}
-    _save_tree(_layer_dir(ckpt_dir, i), tree)
+    sums = _save_tree(_layer_dir(ckpt_dir, i), tree)
     gmeta = {k: {"shape": list(g.ql.shape), "codebook": g.ql.codebook,
                  "transforms": list(g.ql.transforms), "format_version": g.ql.format_version,
                  "members": list(g.members), "rows": list(g.rows)} for k, g in groups.items()}
-    _write_json(_layer_dir(ckpt_dir, i) + ".json", dict(info, groups=gmeta))
+    _write_json(_layer_dir(ckpt_dir, i) + ".json",
+                dict(info, groups=gmeta, sha256=sums))
 
 
 def layer_info(ckpt_dir: str, i: int) -> dict:
     """The JSON record of finished layer i: its groups' metadata ("groups": {name: {shape,
-    codebook, transforms, members, rows, ...}}), "proxy", "curves", "seconds"."""
+    codebook, transforms, members, rows, ...}}), "proxy", "curves", "seconds", "sha256"
+    ({array path: checksum}; absent in checkpoints written before it)."""
     jpath = _layer_dir(ckpt_dir, i) + ".json"
     if not os.path.exists(jpath):
         raise FileNotFoundError(f"layer {i} of {ckpt_dir} is missing: the checkpoint is "
                                 "truncated (an interrupted run? rerun quantize.py to finish it)")
-    with open(jpath) as f:
-        return json.load(f)
+    return _read_json(jpath)
 
 
-def load_layer(ckpt_dir: str, i: int) -> Tuple[dict, dict, dict]:
-    """(groups, norms, info) of layer i."""
+def load_layer(ckpt_dir: str, i: int) -> tuple[dict, dict, dict]:
+    """(groups, norms, info) of layer i, its arrays checked against their checksums."""
     info = layer_info(ckpt_dir, i)
-    tree = _restore_tree(_layer_dir(ckpt_dir, i))
+    path = _layer_dir(ckpt_dir, i)
+    fix = (f"; quantize that layer again by deleting {path}.json and rerunning the same "
+           "command (an imported checkpoint: import it again)")
+    tree = _restore_tree(path, fix)
+    _verify(tree, info.get("sha256"), path, fix)
     groups = {k: _unpack_group(tree["groups"][k], gm) for k, gm in info["groups"].items()}
     return groups, {_path(k): v for k, v in tree["norms"].items()}, info
 
@@ -180,25 +250,26 @@ def e2e_done(ckpt_dir: str) -> bool:
     return os.path.exists(os.path.join(ckpt_dir, "e2e.json"))
 
 
-def e2e_info(ckpt_dir: str) -> Optional[dict]:
-    """The JSON record of the end-to-end stage ("curve", ...), None without one."""
+def e2e_info(ckpt_dir: str) -> dict | None:
+    """The JSON record of the end-to-end stage ("curve", ..., "sha256": {array path:
+    checksum}), None without one."""
     if not e2e_done(ckpt_dir):
         return None
-    with open(os.path.join(ckpt_dir, "e2e.json")) as f:
-        return json.load(f)
+    return _read_json(os.path.join(ckpt_dir, "e2e.json"))
 
 
 def save_e2e(ckpt_dir: str, layers: list, globals_: dict, info: dict) -> None:
     """The end-to-end tuned parameters: layers[i] = {"groups": {name: (SU, SV)}, "norms": {path:
-    array}}, globals_ = {name: array} (final norm, lm_head if tuned)."""
+    array}}, globals_ = {name: array} (final norm, lm_head if tuned). e2e.json, written last,
+    holds `info` and the checksums of the stored arrays ("sha256")."""
     tree = {"layers": {f"layer_{i:03d}": {
         "groups": {k: {"SU": np.asarray(su, np.float32), "SV": np.asarray(sv, np.float32)}
                    for k, (su, sv) in l["groups"].items()},
         "norms": {_key(k): np.asarray(v, np.float32) for k, v in l["norms"].items()}}
         for i, l in enumerate(layers)},
         "globals": {k: np.asarray(v) for k, v in globals_.items()}}
-    _save_tree(os.path.join(ckpt_dir, "e2e"), tree)
-    _write_json(os.path.join(ckpt_dir, "e2e.json"), info)
+    sums = _save_tree(os.path.join(ckpt_dir, "e2e"), tree)
+    _write_json(os.path.join(ckpt_dir, "e2e.json"), dict(info, sha256=sums))
 
 
 def drop_e2e(ckpt_dir: str) -> None:
@@ -210,11 +281,16 @@ def drop_e2e(ckpt_dir: str) -> None:
 
 
 def load_e2e(ckpt_dir: str):
-    """(layers, globals, info) as saved by `save_e2e`, or None when there is no e2e stage."""
+    """(layers, globals, info) as saved by `save_e2e` (arrays checked against their checksums),
+    or None when there is no e2e stage."""
     info = e2e_info(ckpt_dir)
     if info is None:
         return None
-    tree = _restore_tree(os.path.join(ckpt_dir, "e2e"))
+    path = os.path.join(ckpt_dir, "e2e")
+    fix = (f"; redo the end-to-end fine-tuning by deleting {path}.json and rerunning the same "
+           "command")
+    tree = _restore_tree(path, fix)
+    _verify(tree, info.get("sha256"), path, fix)
     layers = []
     for i in range(len(tree["layers"])):
         l = tree["layers"][f"layer_{i:03d}"]
@@ -223,7 +299,7 @@ def load_e2e(ckpt_dir: str):
     return layers, dict(tree["globals"]), info
 
 
-def load_layer_tuned(ckpt_dir: str, i: int, e2e=None) -> Tuple[dict, dict]:
+def load_layer_tuned(ckpt_dir: str, i: int, e2e=None) -> tuple[dict, dict]:
     """(groups, norms) of layer i with the end-to-end overrides applied (`e2e` from
     `load_e2e`, or None for the layer as saved)."""
     groups, norms, _ = load_layer(ckpt_dir, i)
@@ -237,14 +313,40 @@ def load_layer_tuned(ckpt_dir: str, i: int, e2e=None) -> Tuple[dict, dict]:
 
 
 def save_globals(ckpt_dir: str, arrays: dict) -> None:
-    _save_tree(os.path.join(ckpt_dir, "globals"), {k: np.asarray(v) for k, v in arrays.items()})
-    _write_json(os.path.join(ckpt_dir, "globals.json"), {"names": sorted(arrays)})
+    """globals/ holds `arrays` {name: array}; globals.json, written after, their names and
+    checksums ("names", "sha256")."""
+    tree = {k: np.asarray(v) for k, v in arrays.items()}
+    sums = _save_tree(os.path.join(ckpt_dir, "globals"), tree)
+    _write_json(os.path.join(ckpt_dir, "globals.json"), {"names": sorted(arrays), "sha256": sums})
 
 
 def load_globals(ckpt_dir: str) -> dict:
-    if not os.path.exists(os.path.join(ckpt_dir, "globals.json")):
+    """{name: array} as saved by `save_globals`, checked against their checksums."""
+    jpath = os.path.join(ckpt_dir, "globals.json")
+    if not os.path.exists(jpath):
         raise FileNotFoundError(f"{ckpt_dir}/globals is missing: the checkpoint is incomplete")
-    return dict(_restore_tree(os.path.join(ckpt_dir, "globals")))
+    want = _read_json(jpath).get("sha256")
+    path = os.path.join(ckpt_dir, "globals")
+    fix = f"; write them again by deleting {jpath} and rerunning the same command"
+    tree = dict(_restore_tree(path, fix))
+    _verify(tree, want, path, fix)
+    return tree
+
+
+def verify(ckpt_dir: str) -> dict:
+    """Read every stored array of a finished checkpoint, checking it against its checksum
+    (ValueError naming the part and the array on a mismatch). Returns {part: checked}, part
+    "globals", "layers/layer_XXX" or "e2e"; checked False for a part written before the
+    checksums (loaded, nothing to check it against)."""
+    meta = read_meta(ckpt_dir)
+    load_globals(ckpt_dir)
+    out = {"globals": "sha256" in _read_json(os.path.join(ckpt_dir, "globals.json"))}
+    for i in range(meta["model"]["num_layers"]):
+        out[f"layers/layer_{i:03d}"] = "sha256" in load_layer(ckpt_dir, i)[2]
+    e2e = load_e2e(ckpt_dir)
+    if e2e is not None:
+        out["e2e"] = "sha256" in e2e[2]
+    return out
 
 
 # the checkpoint's names of the global parameters -> their module paths in the model
@@ -261,7 +363,7 @@ class Reader:
         groups, norms = r.layer(i)
     """
 
-    def __init__(self, ckpt_dir: str, meta: Optional[dict] = None):
+    def __init__(self, ckpt_dir: str, meta: dict | None = None):
         self.dir = ckpt_dir
         self.meta = read_meta(ckpt_dir) if meta is None else meta
         self.spec = LlamaSpec.from_dict(self.meta["model"])
@@ -281,7 +383,7 @@ class Reader:
             raise ValueError(f"{self.dir}/globals holds unknown parameters {sorted(unknown)}")
         return {GLOBAL_PATHS[k]: v for k, v in g.items()}
 
-    def layer(self, i: int) -> Tuple[dict, dict]:
+    def layer(self, i: int) -> tuple[dict, dict]:
         """(groups {name: QuantizedGroup}, norms {module path: array}) of layer i."""
         return load_layer_tuned(self.dir, i, self._e2e)
 

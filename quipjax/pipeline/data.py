@@ -19,16 +19,28 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["corpus_path", "wiki_articles", "eval_text", "calibration_text", "eval_windows",
+from quipjax.models.files import cache_dir
+
+__all__ = ["read_text", "corpus_path", "wiki_articles", "eval_text", "calibration_text", "eval_windows",
            "calibration_windows", "text_windows", "cache_dir"]
 
 EVAL_WINDOWS = 24
 
 
-def cache_dir() -> str:
-    d = os.environ.get("QUIPJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "quipjax"))
-    os.makedirs(d, exist_ok=True)
-    return d
+def read_text(path: str) -> str:
+    """A UTF-8 text file; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except IsADirectoryError:
+        raise IsADirectoryError(f"text file {path} is a directory") from None
+    if b"\x00" in raw[:1 << 16]:
+        raise ValueError(f"{path} looks binary (NUL bytes), not a text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                         "convert it, e.g. iconv -t UTF-8") from None
 
 
 def corpus_path(name: str) -> str:
@@ -76,6 +88,14 @@ def eval_text(dataset: str) -> str:
     raise ValueError(f"unknown dataset {dataset!r}: use wiki, c4 or --text_file")
 
 
+def _check_sizes(ctx: int, windows: int) -> None:
+    if ctx < 2:
+        raise ValueError(f"a window needs at least 2 tokens, got a context size of {ctx} "
+                         "(--ctx_size)")
+    if windows < 1:
+        raise ValueError(f"at least one window is needed, got {windows}")
+
+
 def _cached(key: dict, make):
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir(), f"windows_{h}.npy")
@@ -98,6 +118,8 @@ def _text_key(text: str) -> str:
 def text_windows(tokenizer, text: str, ctx: int, max_windows: Optional[int] = EVAL_WINDOWS,
                  name: str = "text") -> np.ndarray:
     """Non-overlapping windows (k, ctx) int32 of the tokenized text, the first max_windows."""
+    _check_sizes(ctx=ctx, windows=1 if max_windows is None else max_windows)
+
     def make():
         ids = tokenizer.encode(text)
         k = len(ids) // ctx
@@ -118,6 +140,7 @@ def eval_windows(tokenizer, dataset: str, ctx: int = 2048) -> np.ndarray:
 
 def calibration_windows(tokenizer, devset: int, ctx: int, seed: int = 0) -> np.ndarray:
     """`devset` windows (devset, ctx) int32 at seeded random offsets of the wiki calibration split."""
+    _check_sizes(ctx=ctx, windows=devset)
     text = calibration_text()
 
     def make():

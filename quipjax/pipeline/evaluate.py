@@ -18,7 +18,7 @@ from flax import nnx
 
 from quipjax.distributed import EvalPrograms, Placement
 
-__all__ = ["perplexity", "forward_logits"]
+__all__ = ["perplexity", "forward_logits", "check_windows"]
 
 
 def forward_logits(model, tokens, blocks: Optional[Iterable] = None) -> jnp.ndarray:
@@ -43,6 +43,7 @@ def perplexity(model, windows: np.ndarray, *, placement: Placement = Placement()
     the weights live. progress(done, total, ppl so far) after each step.
     """
     windows = np.asarray(windows, np.int32)
+    check_windows(windows, model.spec.vocab_size)
     ev = EvalPrograms(model, placement, blocks)
     D = placement.devices
     G = D * batch
@@ -66,6 +67,22 @@ def perplexity(model, windows: np.ndarray, *, placement: Placement = Placement()
                                  "device batch is ragged; use batch=1")
             total += float(per_dev[d])
             count += batch * (T - 1)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"the loss of windows {s}..{s + len(real) - 1} is not finite "
+                                     "(the model's activations overflow in this dtype, or its "
+                                     "weights hold NaN/Inf): try --dtype=float32")
         if progress is not None:
             progress(min(s + G, N), N, math.exp(total / count))
     return {"ppl": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - t0}
+
+
+def check_windows(windows: np.ndarray, vocab_size: int) -> None:
+    """Windows (k, T) int32 with k >= 1, T >= 2 and every id in [0, vocab_size): a tokenizer that
+    does not belong to the model would otherwise give a NaN or wrong perplexity."""
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs at least one window of at least 2 tokens, got "
+                         f"windows of shape {windows.shape} (check --ctx_size)")
+    lo, hi = int(windows.min()), int(windows.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids span [{lo}, {hi}] but the model's vocabulary has "
+                         f"{vocab_size} entries: the tokenizer does not belong to this model")

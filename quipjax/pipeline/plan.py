@@ -56,8 +56,12 @@ def read_spec(path) -> tuple:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{os.path.dirname(path)} has no config.json")
     if path.endswith(".json"):
-        with open(path) as f:
-            return LlamaSpec.from_hf(json.load(f)), path
+        from quipjax.models.loaders import read_config_json
+        cfg = read_config_json(os.path.dirname(path) or ".", os.path.basename(path))
+        try:
+            return LlamaSpec.from_hf(cfg), path
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: {' '.join(str(e).split())}") from e
     return GGUFFile(path).spec, path
 
 

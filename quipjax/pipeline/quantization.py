@@ -16,22 +16,27 @@ unfinished layer with the same codes.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from quipjax import codebooks, ldlq
 
 from quipjax.distributed import Placement, ShardLift, one_device_mesh
 from quipjax.group import QuantizedGroup, fuse, group_key
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
+from quipjax.models.llama import Block
 from quipjax.models.loaders import CheckpointSource, block_param_names, source_fp_params
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline.hessians import load_layer_hessians
 from quipjax.pipeline.settings import QuantSettings
 from quipjax.quantize import quantize_stack
 
-__all__ = ["LayerHook", "SourceLayers", "BlockLayers", "quantize_layers"]
+__all__ = ["LayerHook", "SourceLayers", "BlockLayers", "quantize_layers", "check_model"]
 
 
 class LayerHook:
@@ -137,3 +142,18 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
             hook.saved(i)
             if progress:
                 progress(i, info[i])
+
+
+def check_model(spec, codebook: str, adapter=LLAMA) -> None:
+    """Every linear the adapter quantizes has an input dimension the codebook can code (a
+    multiple of 8 for every E8P codebook): a ValueError naming the first one that has not,
+    before any expensive stage. The rotations take any dimension; the codes do not."""
+    step = math.lcm(ldlq.BLOCK, codebooks.get(codebook).dim)
+    block = nnx.eval_shape(lambda: Block(spec, jnp.float32))
+    for path in adapter.linear_paths():
+        m, n = get_path(block, path + ".weight").shape
+        if n % step:
+            raise ValueError(f"model.layers.0.{path} (and every layer's) has input dimension {n}, "
+                             f"not a multiple of {step}: {codebook} codes need it (the rotations "
+                             "take any dimension); pad the model's weights with zero columns "
+                             "to the next multiple first")

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Callable, Optional
@@ -26,9 +25,9 @@ from quipjax.distributed import Placement, parse_mesh
 from quipjax.models.adapter import LLAMA
 from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline import curves, data, evaluate, hessians
+from quipjax.pipeline import curves, data, evaluate, hessians, outdir
 from quipjax.pipeline.build import build_model
-from quipjax.pipeline.quantization import SourceLayers, quantize_layers
+from quipjax.pipeline.quantization import SourceLayers, check_model, quantize_layers
 from quipjax.pipeline.settings import RunConfig
 from quipjax.pipeline.tuning import ActivationWindows, BlockTuner, finetune_e2e
 
@@ -45,6 +44,7 @@ def progress_bar(total, desc):
 
 def perplexity_bar(model, windows, desc: str, placement: Placement = Placement()) -> dict:
     """`evaluate.perplexity` with a progress bar showing the running perplexity."""
+    evaluate.check_windows(np.asarray(windows), model.spec.vocab_size)   # before the bar shows
     bar = progress_bar(len(windows), desc)
 
     def progress(done, total, ppl):
@@ -60,8 +60,7 @@ def eval_sets(tokenizer, datasets, text_file, ctx) -> dict:
     """{name: windows (k, ctx) int32} of the protocol's datasets and an optional text file."""
     out = {ds: data.eval_windows(tokenizer, ds, ctx) for ds in datasets}
     if text_file:
-        with open(text_file, encoding="utf-8") as f:
-            text = f.read()
+        text = data.read_text(text_file)
         out[os.path.basename(text_file)] = data.text_windows(tokenizer, text, ctx,
                                                               data.EVAL_WINDOWS, text_file)
     return out
@@ -134,6 +133,7 @@ class Job:
     seconds: dict = dataclasses.field(default_factory=dict)
     sets: dict = dataclasses.field(default_factory=dict)
     hessian_dir: Optional[str] = None
+    lock: Optional[outdir.FileLock] = None     # of the output directory, held while it runs
 
     @property
     def out(self) -> str:
@@ -147,11 +147,12 @@ class Job:
 
 
 def _identity(cfg: RunConfig, src: CheckpointSource) -> dict:
-    """What a run's results depend on: a resumed run must agree on all of it."""
+    """What a run's results depend on: a resumed run must agree on all of it. The source is
+    identified by the contents of its weights, configuration and tokenizer (not by where it is
+    or when its files were touched)."""
     return {"settings": dataclasses.asdict(cfg.settings), "finetune": cfg.finetune_meta(),
             "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
-            "source": {"path": os.path.abspath(src.path), "kind": src.kind,
-                       "fingerprint": src.fingerprint()},
+            "source": {"kind": src.kind, "content": src.fingerprint()},
             "hessian_dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
             "hessian_batch": cfg.batch_size}
 
@@ -160,50 +161,85 @@ def _identity(cfg: RunConfig, src: CheckpointSource) -> dict:
 _IDENTITY_DEFAULTS = {"hessian_batch": 1}
 
 
-def _same_run(have: dict, want: dict, ignore_e2e: bool = False) -> bool:
-    def strip(m):
-        m = dict(m)
-        if ignore_e2e:
-            m["finetune"] = {k: v for k, v in (m.get("finetune") or {}).items()
-                             if not k.startswith("e2e_")}
-        return m
-    h, w = strip(have), strip(want)
-    return all(h.get(k, _IDENTITY_DEFAULTS.get(k)) == v for k, v in w.items())
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def identity_diff(have: dict, want: dict, ignore_e2e: bool = False) -> list:
+    """["name: old -> new", ...] of the identity entries of `want` that `have` (a checkpoint's
+    quipjax.json) records differently; with ignore_e2e, the end-to-end settings are skipped."""
+    h = _flat({k: have.get(k, _IDENTITY_DEFAULTS.get(k)) for k in want})
+    w = _flat(want)
+    diff = []
+    for k in sorted(set(h) | set(w)):
+        if ignore_e2e and k.startswith("finetune.e2e_"):
+            continue
+        if h.get(k) != w.get(k):
+            diff.append(f"{k}: {h.get(k)!r} -> {w.get(k)!r}")
+    return diff
 
 
 def open_job(cfg: RunConfig, log=print) -> Job:
-    """Check the settings, open the source, resume or start the output directory."""
-    cfg.ft.check()
-    cfg.e2e.check()
+    """Check the settings and the model, open the source, then claim the output directory
+    (lock, ownership) and resume or start it. Nothing is written before the checks pass."""
+    cfg.check()
     src = open_checkpoint(cfg.model)
+    check_model(src.spec, cfg.settings.codebook)
     placement = Placement(parse_mesh(cfg.mesh))
-    if cfg.hessian_shards < 1 or cfg.hessian_shards % placement.devices:
+    if cfg.hessian_shards % placement.devices:
         raise ValueError(f"hessian_shards ({cfg.hessian_shards}) must be a positive multiple of "
                          f"the number of devices ({placement.devices}); the Hessians depend on it "
                          "(not on the mesh): keep it fixed to compare runs")
+    src.tokenizer                       # a missing or broken tokenizer fails here, not later
+    if cfg.text_file:
+        data.read_text(cfg.text_file)
     spec = src.spec
     log(f"model {src.path}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
         f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}; {placement.describe()}")
     job = Job(cfg, src, placement, log, _identity(cfg, src))
     out = cfg.output_dir
+    foreign = outdir.foreign_entries(out)
+    if foreign and not os.path.exists(os.path.join(out, "quipjax.json")):
+        raise ValueError(f"{out} is not empty and is not a quipjax run (it holds "
+                         f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
+                         "choose a new or empty --output_dir")
+    job.lock = outdir.FileLock(out, f"the output directory {out}").acquire()
+    try:
+        _resume_or_start(job)
+    except BaseException:
+        job.lock.release()
+        raise
+    return job
+
+
+def _resume_or_start(job: Job) -> None:
+    """Compare the run in the output directory (if any) with this one: resume it, redo only
+    its end-to-end stage, or (--overwrite) replace what quipjax wrote; then write the meta."""
+    cfg, out, src, log = job.cfg, job.out, job.src, job.log
     if os.path.exists(os.path.join(out, "quipjax.json")):
         have = ckpt.read_meta(out)
-        same = _same_run(have, job.want)
-        if not same and _same_run(have, job.want, ignore_e2e=True):
+        diff = identity_diff(have, job.want)
+        if diff and not identity_diff(have, job.want, ignore_e2e=True):
             # the layers are still valid: redo just the end-to-end stage with the new settings
             log(f"end-to-end settings changed: discarding the end-to-end stage of {out}")
             ckpt.drop_e2e(out)
-            same = True
-        if not same:
-            if not cfg.overwrite:
-                raise ValueError(f"{out} holds a run with other settings; pass --overwrite to "
-                                 "replace it, or choose another --output_dir")
-            shutil.rmtree(out)
+            diff = []
+        if diff and not cfg.overwrite:
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}): pass "
+                             "--overwrite to replace it, or choose another --output_dir")
+        if diff:
+            log(f"--overwrite: replacing the run in {out} ({'; '.join(diff)})")
+            outdir.remove_owned(out)
         else:
             log(f"resuming the run in {out}")
-    ckpt.write_meta(out, dict(job.want, model=spec.to_dict(), tokenizer=src.tokenizer.ref,
+    ckpt.write_meta(out, dict(job.want, model=src.spec.to_dict(), tokenizer=src.tokenizer.ref,
                               adapter=LLAMA.name, quantized_linears=LLAMA.linear_paths()))
-    return job
 
 
 def fp_stage(job: Job) -> None:
@@ -227,6 +263,7 @@ def hessian_stage(job: Job) -> str:
     with job.timed("calibration_data"):
         windows = data.calibration_windows(src.tokenizer, cfg.devset_size, cfg.ctx_size,
                                            cfg.settings.seed)
+        evaluate.check_windows(windows, src.spec.vocab_size)
         key = {"model": src.fingerprint(), "devset": cfg.devset_size, "ctx": cfg.ctx_size,
                "seed": cfg.settings.seed, "dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
                "reduction": "slots-exact-v1"}
@@ -235,24 +272,39 @@ def hessian_stage(job: Job) -> str:
         hkey = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         hdir = cfg.hessian_dir or os.path.join(data.cache_dir(), "hessians", hkey)
     with job.timed("hessians"):
-        n_missing = sum(not os.path.exists(hessians.layer_file(hdir, i)) for i in range(L))
-        if not n_missing:
+        def missing():
+            return sum(not os.path.exists(hessians.layer_file(hdir, i)) for i in range(L))
+        if not missing():
             job.log(f"reusing the Hessians in {hdir}")
             return hdir
-        job.log(f"collecting Hessians of {n_missing} layers over {len(windows)} windows of "
-                f"{cfg.ctx_size} tokens into {hdir}")
-        bar = progress_bar(L * -(-len(windows) // (cfg.batch_size * job.placement.devices)),
-                           "Hessians")
-
-        def progress(layer, done, total):
-            bar.n = layer * total + done
-            bar.set_postfix(layer=layer, refresh=False)
-            bar.refresh()
-        hessians.collect_hessians(src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
-                                  batch=cfg.batch_size, progress=progress,
-                                  placement=job.placement, shards=cfg.hessian_shards)
-        bar.close()
+        # one collector per cache entry: a second run with the same calibration waits for it
+        lock = outdir.FileLock(hdir, f"the Hessian cache {hdir}").acquire(wait=True, log=job.log)
+        try:
+            _collect(job, windows, hdir, missing())
+        finally:
+            lock.release()
     return hdir
+
+
+def _collect(job: Job, windows, hdir: str, n_missing: int) -> None:
+    """Collect the missing Hessians of hdir (the caller holds its lock)."""
+    cfg, L = job.cfg, job.src.spec.num_layers
+    if not n_missing:
+        job.log(f"reusing the Hessians in {hdir} (collected by another run)")
+        return
+    job.log(f"collecting Hessians of {n_missing} layers over {len(windows)} windows of "
+            f"{cfg.ctx_size} tokens into {hdir}")
+    bar = progress_bar(L * -(-len(windows) // (cfg.batch_size * job.placement.devices)),
+                       "Hessians")
+
+    def progress(layer, done, total):
+        bar.n = layer * total + done
+        bar.set_postfix(layer=layer, refresh=False)
+        bar.refresh()
+    hessians.collect_hessians(job.src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
+                              batch=cfg.batch_size, progress=progress,
+                              placement=job.placement, shards=cfg.hessian_shards)
+    bar.close()
 
 
 def quantize_stage(job: Job, hdir: str) -> None:
@@ -359,6 +411,14 @@ def quantize_model(cfg: RunConfig, log=print) -> dict:
     """Run the whole job; returns the metrics dict (also written to output_dir/metrics.json)."""
     t_start = time.perf_counter()
     job = open_job(cfg, log)
+    try:
+        return _run(job, t_start)
+    finally:
+        job.lock.release()
+
+
+def _run(job: Job, t_start: float) -> dict:
+    cfg = job.cfg
     if cfg.evaluate:
         fp_stage(job)
     hdir = hessian_stage(job)

@@ -18,9 +18,11 @@ from quipjax import codebooks
 from quipjax.distributed import DEFAULT_HESSIAN_SHARDS
 
 __all__ = ["QuantSettings", "BlockTuneSettings", "E2ESettings", "RunConfig", "DTYPES",
+           "EVAL_DATASETS",
            "setting", "define_flags", "from_flags", "default_output_dir"]
 
 DTYPES = ("bfloat16", "float32")     # names of the compute dtypes flags accept
+EVAL_DATASETS = ("wiki", "c4")       # the protocol's evaluation sets
 
 
 def setting(default, help: str, *, flag: Optional[str] = None, enum=None):
@@ -47,6 +49,19 @@ class QuantSettings:
     rounding: str = setting("ldlq", "BlockLDLQ, or nearest rounding (the ablation).",
                             enum=("ldlq", "nearest"))
     seed: int = setting(0, "Seed of the calibration sampling and the sign vectors.")
+
+    def check(self) -> None:
+        """Raise ValueError naming the flag of a setting quantization would refuse."""
+        from quipjax.quantize import check_settings
+        if self.codebook not in codebooks.names():
+            raise ValueError(f"--codebook={self.codebook} is unknown; choose one of "
+                             f"{', '.join(codebooks.names())}")
+        try:
+            check_settings(self.codebook, self.scale, self.sigma_reg, self.rounding)
+        except ValueError as e:
+            raise ValueError(f"--{str(e)}") from None
+        if self.tune_iters < 0:
+            raise ValueError(f"--tune_iters must be >= 0, got {self.tune_iters}")
 
     def quantize_kw(self) -> dict:
         """The keyword arguments of `quantize_linear` / `quantize_stack` (all but the key)."""
@@ -151,6 +166,36 @@ class RunConfig:
                                   "collection (a multiple of the device count; the Hessians "
                                   "depend on it, not on --mesh).")
 
+    requires_model: Optional[str] = setting(None, "Set by a model-specific flagfile: the model "
+                                            "it is for (the run stops unless --model is given).")
+
+    def check_model_given(self) -> None:
+        if self.requires_model and not self.model:
+            raise ValueError(f"these settings are for {self.requires_model}: pass "
+                             "--model=<its folder>")
+
+    def check(self) -> None:
+        """Every setting that can be checked without the model; raise ValueError naming the
+        flag. Runs before anything is written."""
+        self.check_model_given()
+        self.settings.check()
+        self.ft.check()
+        self.e2e.check()
+        for name in ("devset_size", "ctx_size", "eval_ctx_size", "batch_size", "hessian_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.ctx_size < 2 or self.eval_ctx_size < 2:
+            raise ValueError("--ctx_size and --eval_ctx_size must be >= 2 (a window predicts "
+                             "its tokens after the first)")
+        unknown = [d for d in self.eval_datasets if d not in EVAL_DATASETS]
+        if unknown:
+            raise ValueError(f"--eval_datasets: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(EVAL_DATASETS)} (or --text_file for your own text)")
+        if self.text_file is not None and not os.path.isfile(self.text_file):
+            raise FileNotFoundError(f"--text_file={self.text_file} does not exist")
+        if self.model is not None and not os.path.exists(self.model):
+            raise FileNotFoundError(f"--model={self.model} does not exist")
+
     def finetune_meta(self) -> dict:
         """Both fine-tuning stages as one flat dict (the checkpoint's "finetune" record):
         the in-block fields, the end-to-end ones prefixed "e2e_", and "compute_dtype"."""
@@ -173,8 +218,8 @@ class RunConfig:
 
 def default_output_dir(model: Optional[str], codebook: str) -> str:
     """runs/<model file or folder name without extension>_<codebook>."""
-    return os.path.join("runs", f"{os.path.basename(model or 'smollm2_135m').split('.')[0]}"
-                                f"_{codebook}")
+    name = os.path.basename(os.path.normpath(model)) if model else "smollm2_135m"
+    return os.path.join("runs", f"{name.split('.')[0] or 'model'}_{codebook}")
 
 
 def _fields(cls, prefix: str = ""):

@@ -1,0 +1,104 @@
+"""No run loses work: locks on output directories and Hessian cache entries (a second run stops
+or waits, naming the holder's PID; a dead holder's lock is taken over), ownership of output
+directories, and Ctrl-C saying that the same command resumes."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from quipjax.pipeline import cli, outdir
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+OUTDIR_PY = os.path.join(ROOT, "quipjax", "pipeline", "outdir.py")
+
+
+def _hold(directory, seconds):
+    """A separate process holding the lock of `directory` for `seconds` (outdir.py loaded by
+    path: no JAX import, so it starts at once). Returns it once it holds the lock."""
+    code = (f"import importlib.util, time\n"
+            f"s = importlib.util.spec_from_file_location('od', {OUTDIR_PY!r})\n"
+            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m)\n"
+            f"m.FileLock({directory!r}, 'x').acquire(); print('held', flush=True)\n"
+            f"time.sleep({seconds})\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_run_stops_naming_the_holder_and_a_dead_holders_lock_is_taken(tmp_path):
+    d = str(tmp_path / "out")
+    p = _hold(d, 60)
+    try:
+        with pytest.raises(outdir.RunLocked, match=f"PID {p.pid}"):
+            outdir.FileLock(d, "the output directory").acquire()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    lock = outdir.FileLock(d, "the output directory").acquire()      # kill -9: taken over
+    with open(os.path.join(d, outdir.LOCK_NAME)) as f:
+        assert f.read().strip() == str(os.getpid())
+    lock.release()
+
+
+def test_a_waiting_run_proceeds_when_the_holder_ends(tmp_path):
+    d = str(tmp_path / "hessians")
+    p = _hold(d, 1.5)
+    said = []
+    t = time.perf_counter()
+    lock = outdir.FileLock(d, "the Hessian cache").acquire(wait=True, log=said.append, poll=0.1)
+    assert time.perf_counter() - t > 0.5
+    lock.release()
+    p.wait()
+    assert len(said) == 1 and f"PID {p.pid}" in said[0]
+
+
+def test_overwrite_removes_only_what_quipjax_wrote(tmp_path):
+    d = tmp_path / "run"
+    (d / "layers").mkdir(parents=True)
+    (d / "layers" / "layer_000.json").write_text("{}")
+    for name in ("quipjax.json", "metrics.json", "mine.txt"):
+        (d / name).write_text("x")
+    assert outdir.foreign_entries(str(d)) == ["mine.txt"]
+    assert sorted(outdir.remove_owned(str(d))) == ["layers", "metrics.json", "quipjax.json"]
+    assert sorted(os.listdir(d)) == ["mine.txt"]
+
+
+def test_flagfiles_resolve_from_anywhere_and_nest(tmp_path):
+    configs = os.path.join(ROOT, "experiments", "configs")
+    args = cli.expand_args(["--flagfile=llama70b_2bit"], configs)
+    assert "--mesh=model:8" in args and "--codebook=E8P12" in args
+    # the 70B line comes after the included 7B flagfile's, so it wins
+    req = [a for a in args if a.startswith("--requires_model=")]
+    assert len(req) == 2 and "Llama-2-70B" in req[-1]
+    with pytest.raises(cli.UserError, match="nosuch"):
+        cli.expand_args(["--flagfile=nosuch"], configs)
+
+
+def test_ctrl_c_says_the_same_command_resumes(tiny_hf, tmp_path):
+    path, _ = tiny_hf
+    env = dict(os.environ, QUIPJAX_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "quantize.py"), f"--model={path}",
+           f"--output_dir={tmp_path / 'out'}", "--noeval", "--devset_size=64", "--ctx_size=64"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = []
+
+    def read():
+        for line in iter(p.stderr.readline, b""):
+            err.append(line.decode())
+    th = threading.Thread(target=read)
+    th.start()
+    deadline = time.time() + 300
+    while not any("Hessians" in e for e in err) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=120)
+    th.join()
+    text = "".join(err).replace("\r", "\n")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert p.returncode == 130, (p.returncode, text[-3000:])
+    assert "Traceback" not in text
+    assert lines[-1] == "interrupted: run the same command again to resume where it stopped"
