@@ -44,3 +44,12 @@ def tiny_ckpt(tmp_path_factory):
 def tiny_ckpt_e2e(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_ckpt_e2e"))
     return path, write_tiny_checkpoint(path, seed=1, e2e=True)
+
+
+# the longest tests first, so that with two xdist workers neither waits on one at the end
+_FIRST = ("test_sharding.py", "test_finetune.py", "test_readme.py", "test_cli_errors.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda it: next((i for i, f in enumerate(_FIRST) if it.nodeid.startswith(
+        "tests/" + f)), len(_FIRST)))

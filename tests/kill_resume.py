@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--kills", type=int, default=10, help="Trials (one kill each).")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
     ap.add_argument("--work", default=None, help="Work directory (default: a temporary one).")
+    ap.add_argument("--between", default="0.15,0.97", help="Kill moments are uniform in this "
+                    "range of fractions of the uninterrupted run's time.")
     args = ap.parse_args()
     sys.path.insert(0, HERE)
     from helpers import make_hf_folder
@@ -85,7 +87,8 @@ def main():
     rng = np.random.default_rng(args.seed)
     trials = []
     for k in range(args.kills):
-        at = float(rng.uniform(0.15, 0.97) * ref_s)
+        lo, hi = (float(x) for x in args.between.split(","))
+        at = float(rng.uniform(lo, hi) * ref_s)
         env_k = dict(os.environ, QUIPJAX_CACHE=os.path.join(work, f"cache_{k}"))
         shutil.rmtree(env_k["QUIPJAX_CACHE"], ignore_errors=True)
         out = os.path.join(work, f"run_{k}")

@@ -86,13 +86,13 @@ def test_ctrl_c_says_the_same_command_resumes(tiny_hf, tmp_path):
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err = []
 
-    def read():
-        for line in iter(p.stderr.readline, b""):
-            err.append(line.decode())
+    def read():             # progress bars end lines with \r: read bytes, not lines
+        for chunk in iter(lambda: p.stderr.read1(4096), b""):
+            err.append(chunk.decode("utf-8", "replace"))
     th = threading.Thread(target=read)
     th.start()
     deadline = time.time() + 300
-    while not any("Hessians" in e for e in err) and p.poll() is None and time.time() < deadline:
+    while "Hessians" not in "".join(err) and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     p.wait(timeout=120)

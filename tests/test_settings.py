@@ -73,3 +73,10 @@ def test_stage_checks(argv, match):
     stage = cfg.ft if argv[0].startswith("--ft") else cfg.e2e
     with pytest.raises(ValueError, match=match):
         stage.check()
+
+
+def test_default_output_dir_ignores_a_trailing_slash():
+    from quipjax.pipeline.settings import default_output_dir
+    assert default_output_dir("/models/Llama-2-7b-hf/", "E8P12") == "runs/Llama-2-7b-hf_E8P12"
+    assert default_output_dir("/m/smollm.Q4.gguf", "HI2") == "runs/smollm_HI2"
+    assert default_output_dir(None, "E8P12") == "runs/smollm2_135m_E8P12"

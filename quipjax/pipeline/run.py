@@ -51,9 +51,10 @@ def perplexity_bar(model, windows, desc: str, placement: Placement = Placement()
         bar.n = done
         bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
         bar.refresh()
-    r = evaluate.perplexity(model, windows, progress=progress, placement=placement)
-    bar.close()
-    return r
+    try:
+        return evaluate.perplexity(model, windows, progress=progress, placement=placement)
+    finally:                            # closed before an error or Ctrl-C message is printed
+        bar.close()
 
 
 def eval_sets(tokenizer, datasets, text_file, ctx) -> dict:
@@ -301,10 +302,12 @@ def _collect(job: Job, windows, hdir: str, n_missing: int) -> None:
         bar.n = layer * total + done
         bar.set_postfix(layer=layer, refresh=False)
         bar.refresh()
-    hessians.collect_hessians(job.src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
-                              batch=cfg.batch_size, progress=progress,
-                              placement=job.placement, shards=cfg.hessian_shards)
-    bar.close()
+    try:
+        hessians.collect_hessians(job.src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
+                                  batch=cfg.batch_size, progress=progress,
+                                  placement=job.placement, shards=cfg.hessian_shards)
+    finally:
+        bar.close()
 
 
 def quantize_stage(job: Job, hdir: str) -> None:
@@ -320,22 +323,24 @@ def quantize_stage(job: Job, hdir: str) -> None:
             ckpt.save_globals(out, g)
         tuning = cfg.ft.epochs > 0
         bar = progress_bar(L, f"quantize {cfg.settings.codebook}" + (" + in-block FT" if tuning else ""))
-        bar.update(sum(ckpt.layer_done(out, i) for i in range(L)))
-        hook = SourceLayers(src, job.placement)
-        if tuning:
-            windows = data.calibration_windows(src.tokenizer, cfg.ft.train_size + cfg.ft.valid_size,
-                                               cfg.ft.ctx_size, cfg.settings.seed + 1)
-            acts = ActivationWindows(src, os.path.join(out, "ft_acts"), cfg.ft, cfg.tune_dtype,
-                                     windows, seed=cfg.settings.seed, placement=job.placement)
-            hook = BlockTuner(cfg.ft, cfg.tune_dtype, acts, seed=cfg.settings.seed,
-                              placement=job.placement, log=bar.write)
+        try:
+            bar.update(sum(ckpt.layer_done(out, i) for i in range(L)))
+            hook = SourceLayers(src, job.placement)
+            if tuning:
+                windows = data.calibration_windows(src.tokenizer, cfg.ft.train_size + cfg.ft.valid_size,
+                                                   cfg.ft.ctx_size, cfg.settings.seed + 1)
+                acts = ActivationWindows(src, os.path.join(out, "ft_acts"), cfg.ft, cfg.tune_dtype,
+                                         windows, seed=cfg.settings.seed, placement=job.placement)
+                hook = BlockTuner(cfg.ft, cfg.tune_dtype, acts, seed=cfg.settings.seed,
+                                  placement=job.placement, log=bar.write)
 
-        def progress(i, info):
-            bar.set_postfix(refresh=False, layer=i,
-                            **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
-            bar.update(1)
-        quantize_layers(out, hdir, cfg.settings, hook, range(L), progress=progress)
-        bar.close()
+            def progress(i, info):
+                bar.set_postfix(refresh=False, layer=i,
+                                **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
+                bar.update(1)
+            quantize_layers(out, hdir, cfg.settings, hook, range(L), progress=progress)
+        finally:
+            bar.close()
 
 
 def e2e_stage(job: Job) -> None:
