@@ -83,7 +83,9 @@ def test_ctrl_c_says_the_same_command_resumes(tiny_hf, tmp_path):
     env = dict(os.environ, QUIPJAX_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "quantize.py"), f"--model={path}",
            f"--output_dir={tmp_path / 'out'}", "--noeval", "--devset_size=64", "--ctx_size=64"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # xdist workers ignore SIGINT and children inherit that: give the run the default handler
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = []
 
     def read():             # progress bars end lines with \r: read bytes, not lines
