@@ -1,0 +1,180 @@
+"""The building blocks every decoder family of `quipjax.models` is made of.
+
+`Linear` (weight (out, in), as PyTorch/HF checkpoints store it), `RMSNorm` (weight used as
+stored: families whose checkpoints store w for a (1 + w) scale add the 1 when loading),
+rotate-half RoPE (`rope_frequencies`, `apply_rope`), causal grouped-query `attention` (sliding
+windows, any scale), and `DecoderLM`, the embed -> blocks -> head skeleton of every family.
+
+Numerics: the residual stream, norms, softmax and RoPE run in float32; matmuls take their
+inputs in the weights' dtype and accumulate in float32 (`preferred_element_type`), so bf16
+weights run at bf16 speed (about 3x float32 on AMX CPUs) without bf16 accumulation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["Linear", "RMSNorm", "rope_frequencies", "apply_rope", "attention", "DecoderLM",
+           "ACTIVATIONS"]
+
+# the hidden_act values of HF configs the families run, as jax functions
+ACTIVATIONS = {"silu": jax.nn.silu,
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+class Linear(nnx.Module):
+    """y = x W^T (+ b), W stored (out, in) as in PyTorch/HF checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 dtype=jnp.float32, compute_dtype=None):
+        self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        # matmul input dtype; None = the weight's (training keeps float32 weights, bf16 matmuls)
+        self.compute_dtype = compute_dtype
+
+    @property
+    def matmul_dtype(self):
+        return self.compute_dtype or self.weight.dtype
+
+    def __call__(self, x):
+        cdt = self.matmul_dtype
+        y = jnp.einsum("...i,oi->...o", x.astype(cdt), self.weight[...].astype(cdt),
+                       preferred_element_type=jnp.float32)
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight over the last axis, in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps) * self.weight[...]
+
+
+def rope_frequencies(theta: float, dim: int, scaling: Optional[dict] = None) -> np.ndarray:
+    """Inverse frequencies (dim // 2,) float64 of RoPE over `dim` rotated dimensions, with
+    the config's rope scaling (None/default, linear, llama3)."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    sc = dict(scaling or ())
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def apply_rope(x, inv_freq, positions):
+    """Rotate-half RoPE of the first 2 * len(inv_freq) dimensions of each head (the rest pass
+    through: partial rotary). x (B, T, H, hd) float32, positions (T,) int."""
+    ang = positions[:, None].astype(jnp.float32) * inv_freq[None, :]          # (T, r/2)
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[None, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[None, :, None, :]
+    r = 2 * inv_freq.shape[0]
+    xr = x if r == x.shape[-1] else x[..., :r]
+    half = r // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], -1)
+    out = xr * cos + rot * sin
+    return out if r == x.shape[-1] else jnp.concatenate([out, x[..., r:]], -1)
+
+
+def attention(q, k, v, qpos, kpos, causal_chunks: bool, chunk: int = 256,
+              scale: Optional[float] = None, window: Optional[int] = None):
+    """Causal grouped-query attention. q (B, T, H, hd), k/v (B, S, KV, hd) -> (B, T, H * hd).
+
+    scale: of the scores (default 1/sqrt(hd)). window: a sliding window (a query sees the
+    keys at most window - 1 positions back, as transformers' sliding masks), None: all.
+    Layout (B, KV, T * g, hd) so each KV head's g query heads form one batched matmul. With
+    `causal_chunks` (prefill, qpos = kpos = 0..T-1) the queries are cut into chunks that only
+    see the keys up to their end: about half the FLOPs and exps of the full T x T product.
+    """
+    B, T, H, hd = q.shape
+    S, KV = k.shape[1], k.shape[2]
+    g = H // KV
+    qg = q.reshape(B, T, KV, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * g, hd)
+    kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # (B, KV, S, hd)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    qrows = jnp.repeat(qpos, g)                                        # query position per row
+
+    def part(r0, r1, s1):
+        s = jnp.einsum("bkqd,bksd->bkqs", qg[:, :, r0:r1], kk[:, :, :s1],
+                       preferred_element_type=jnp.float32) * scale
+        seen = kpos[None, :s1] <= qrows[r0:r1, None]
+        if window is not None:
+            seen = seen & (kpos[None, :s1] > qrows[r0:r1, None] - window)
+        s = jnp.where(seen, s, -jnp.inf)
+        p = jax.nn.softmax(s, -1)
+        return jnp.einsum("bkqs,bksd->bkqd", p.astype(vv.dtype), vv[:, :, :s1],
+                          preferred_element_type=jnp.float32)
+
+    if causal_chunks and T == S and T > chunk:
+        outs = [part(c * g, min(c + chunk, T) * g, min(c + chunk, T)) for c in range(0, T, chunk)]
+        o = jnp.concatenate(outs, 2)
+    else:
+        o = part(0, T * g, S)
+    return o.reshape(B, KV, T, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
+
+
+class DecoderLM(nnx.Module):
+    """Token ids (B, T) int32 -> logits (B, T, vocab) float32: embed, the blocks in
+    `layers` (each `block(x, positions[, cache])`), final `norm` and the head (`lm_head`, or
+    the embeddings when tied). `embed_scale` (a float or None) multiplies the embeddings
+    (Gemma's sqrt(hidden)). Subclasses build `spec`, `embed_tokens`, `layers`, `norm`,
+    `lm_head` and `embed_scale`."""
+
+    def embed(self, tokens):
+        x = self.embed_tokens[...][tokens].astype(jnp.float32)
+        return x if self.embed_scale is None else x * jnp.float32(self.embed_scale)
+
+    def head(self, x):
+        x = self.norm(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        e = self.embed_tokens[...]
+        return jnp.einsum("...d,vd->...v", x.astype(e.dtype), e, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions=None):
+        T = tokens.shape[1]
+        positions = jnp.arange(T) if positions is None else positions
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.head(x)
+
+
+def attend(q, k, v, positions, cache, dtype, scale: Optional[float] = None,
+           window: Optional[int] = None):
+    """Attention of roped q (B, T, H, hd), k/v (B, T, KV, hd) at `positions`, through an
+    optional decoding cache (k_cache, v_cache, length): the new keys/values are written at
+    [length, length + T). Matmul inputs in `dtype`. Returns (o (B, T, H * hd) float32,
+    new cache or None)."""
+    T = q.shape[1]
+    if cache is not None:
+        ck, cv, length = cache
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, length, 0, 0))
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, length, 0, 0))
+        new_cache = (k, v, length + T)
+        kpos = jnp.arange(k.shape[1])
+    else:
+        new_cache = None
+        kpos = positions
+    o = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), positions, kpos,
+                  causal_chunks=cache is None, scale=scale, window=window)
+    return o, new_cache
