@@ -1,4 +1,4 @@
-"""Text generation with a KV cache for `quipjax.models.llama.Llama` (FP or codes-based).
+"""Text generation with a KV cache for the models of `quipjax.models` (FP or codes-based).
 
     out = generate(model, prompt_ids, 64)                         # greedy
     out = generate(model, prompt_ids, 64, temperature=0.7, top_p=0.9, seed=1,
@@ -70,8 +70,7 @@ class KVCache:
 def cache_dtype_of(model) -> jnp.dtype:
     """The dtype the model's attention computes in (what `models.llama.Attention` casts k/v
     to): the cache stores k/v in it, so caching loses nothing."""
-    q = model.layers[0].self_attn.q_proj
-    return jnp.dtype(getattr(q, "matmul_dtype", jnp.float32))
+    return jnp.dtype(model.layers[0].self_attn.compute_dtype)
 
 
 def init_cache(model, batch: int, max_len: int, dtype=None) -> KVCache:

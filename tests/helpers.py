@@ -36,7 +36,6 @@ def make_hf_folder(path, spec=TINY, seed=0, shards=2):
     """A tiny random Llama saved as a sharded HF folder with a word-level tokenizer; returns
     the in-memory model."""
     from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
     model = llama.init_random(spec, jax.random.key(seed), scale=0.2)
     tensors = {"model.embed_tokens.weight": model.embed_tokens[...],
                "model.norm.weight": model.norm.weight[...]}
@@ -64,16 +63,22 @@ def make_hf_folder(path, spec=TINY, seed=0, shards=2):
            "tie_word_embeddings": spec.tie_embeddings, "max_position_embeddings": 512}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
+    write_word_tokenizer(path, spec.vocab_size)
+    return model
+
+
+def write_word_tokenizer(path, vocab_size):
+    """A word-level tokenizer of the most frequent English words (ids < vocab_size) in path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {"[UNK]": 0}
     for w in WORDS.split():
-        if len(vocab) < spec.vocab_size:
+        if len(vocab) < vocab_size:
             vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}, f)
-    return model
 
 
 def case_seed(*params) -> int:

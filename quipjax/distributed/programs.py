@@ -31,7 +31,7 @@ from quipjax.distributed.mesh import BATCH
 from quipjax.distributed.placement import Placement, spec_for
 from quipjax.layers.tap import attach_taps, tap_inputs
 from quipjax.models.adapter import LLAMA, get_path
-from quipjax.models.llama import Llama
+from quipjax.models.parts import DecoderLM
 from quipjax.quantize import Lift
 
 __all__ = ["DEFAULT_HESSIAN_SHARDS", "gather", "block_forward_fn", "HessianEngine",
@@ -227,9 +227,9 @@ def nll_sum(model, x, tokens):
 
 
 class _Head(nnx.Module):
-    """The output head of a Llama (final norm + lm_head or tied embeddings) on its own."""
+    """The output head of a model (final norm + lm_head or tied embeddings) on its own."""
 
-    head = Llama.head
+    head = DecoderLM.head
 
     def __init__(self, model):
         self.norm = model.norm
@@ -238,10 +238,11 @@ class _Head(nnx.Module):
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_programs(mesh, head_def, head_tdef, head_specs, emb_spec):
+def _eval_programs(mesh, head_def, head_tdef, head_specs, emb_spec, embed_scale):
     def embed(table, tok):
         table = gather([table], [emb_spec], mesh)[0]
-        return table[tok].astype(jnp.float32)              # Llama.embed
+        x = table[tok].astype(jnp.float32)                 # DecoderLM.embed
+        return x if embed_scale is None else x * jnp.float32(embed_scale)
 
     def nll(leaves, x, tok):
         leaves = gather(leaves, head_specs, mesh)
@@ -271,7 +272,7 @@ class EvalPrograms:
         self._table = jax.device_put(table, NamedSharding(mesh, emb_spec))
         self._head = head
         self._embed, self._nll = _eval_programs(mesh, head.graphdef, head.tdef, head.specs,
-                                                emb_spec)
+                                                emb_spec, model.embed_scale)
         self._blocks = []
         for b in (list(blocks) if blocks is not None else list(model.layers)):
             pb = _Placed(b, placement)

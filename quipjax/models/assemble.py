@@ -1,4 +1,4 @@
-"""The one way a `Llama` is put together from stored parts (FP sources and quantized
+"""The one way a model of any family is put together from stored parts (FP sources and quantized
 checkpoints alike), after flax's gemma `from_params`: the skeleton by `nnx.eval_shape`
 (nothing allocated), the global parameters filled by key, the blocks built one at a time,
 each placed as soon as it is built, so a model larger than one device (or than memory, for
@@ -15,12 +15,10 @@ import jax
 from flax import nnx
 
 from quipjax.models.adapter import path_str, set_param
-from quipjax.models.llama import Block, Llama, LlamaSpec
+from quipjax.models.families import family_of
+from quipjax.models.family import global_names
 
-__all__ = ["assemble_model", "GLOBAL_KEYS", "abstract_paths"]
-
-# the global parameters of a Llama, by module path
-GLOBAL_KEYS = ("embed_tokens", "norm.weight", "lm_head.weight")
+__all__ = ["assemble_model", "abstract_paths"]
 
 
 def abstract_paths(module) -> list:
@@ -29,16 +27,17 @@ def abstract_paths(module) -> list:
             if isinstance(v, jax.ShapeDtypeStruct)]
 
 
-def assemble_model(spec: LlamaSpec, dtype, *, globals_: dict, block: Callable[[int], Block],
-                   placement=None, head_dtype=None, head_compute_dtype=None) -> Llama:
-    """A `Llama` from its parts.
+def assemble_model(spec, dtype, *, globals_: dict, block: Callable,
+                   placement=None, head_dtype=None, head_compute_dtype=None):
+    """A model of `spec`'s family (`models.families`) from its parts.
 
     Args:
-      spec: the architecture.
+      spec: the architecture (any family's spec).
       dtype: dtype of the skeleton's linears (the blocks bring their own).
       globals_: {module path: array} for "embed_tokens", "norm.weight" and, unless the
-        embeddings are tied, "lm_head.weight"; an unknown or missing key is an error.
-      block: i -> block i (a filled `Block`, its linears possibly stand-ins of
+        embeddings are tied, "lm_head.weight" (`models.family.global_names`); an unknown or
+        missing key is an error.
+      block: i -> block i (a filled block, its linears possibly stand-ins of
         `quipjax.layers`).
       placement: an object with `.module(m) -> m` placing a module's variables (e.g.
         `quipjax.distributed.Placement`); None: left where they are built.
@@ -48,8 +47,9 @@ def assemble_model(spec: LlamaSpec, dtype, *, globals_: dict, block: Callable[[i
       The model; every variable concrete (checked).
     """
     head_dtype = head_dtype or dtype
-    model = nnx.eval_shape(lambda: Llama(spec, dtype))
-    want = set(GLOBAL_KEYS) - ({"lm_head.weight"} if spec.tie_embeddings else set())
+    family = family_of(spec)
+    model = nnx.eval_shape(lambda: family.model(spec, dtype))
+    want = set(global_names(spec))
     unknown, missing = set(globals_) - want, want - set(globals_)
     if unknown or missing:
         raise ValueError(f"global parameters: unknown {sorted(unknown)}, missing "

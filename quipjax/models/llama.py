@@ -82,7 +82,7 @@ class LlamaSpec:
         window = d.get("sliding_window") if arch in ("mistral", "phi3") else None
         eos = d.get("eos_token_id")
         qwen2 = arch == "qwen2"
-        return LlamaSpec(
+        spec = LlamaSpec(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=hd,
@@ -97,6 +97,8 @@ class LlamaSpec:
             fused_qkv=arch == "phi3", fused_gate_up=arch == "phi3",
             rotary_dim=None if partial == 1.0 else int(hd * partial),
             sliding_window=int(window) if window else None)
+        rope_frequencies(spec)          # an unsupported rope scaling fails here, not later
+        return spec
 
     @property
     def has_o_bias(self) -> bool:
@@ -253,3 +255,33 @@ def random_block(spec: LlamaSpec, key, dtype=jnp.bfloat16, scale: float = 0.02) 
         else:
             vals.append((scale * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, vals))
+
+
+def spec_from_gguf(field, arch: str, shapes: dict) -> LlamaSpec:
+    """A LlamaSpec from a llama.cpp GGUF header. field(key, default): the header's fields;
+    arch: general.architecture (llama, qwen2, qwen3, phi3); shapes: {HF tensor name: shape}
+    of the file's tensors (biases and tied embeddings are read from what is stored)."""
+    heads = field(f"{arch}.attention.head_count")
+    d = field(f"{arch}.embedding_length")
+    emb = shapes["model.embed_tokens.weight"]
+    hd = field(f"{arch}.attention.key_length", d // heads)
+    rot = field(f"{arch}.rope.dimension_count", hd)
+    window = field(f"{arch}.attention.sliding_window", None) if arch == "phi3" else None
+    return LlamaSpec(
+        vocab_size=int(emb[0]) if len(emb) > 1 else len(field("tokenizer.ggml.tokens")),
+        hidden_size=d, intermediate_size=field(f"{arch}.feed_forward_length"),
+        num_layers=field(f"{arch}.block_count"), num_heads=heads,
+        num_kv_heads=field(f"{arch}.attention.head_count_kv", heads), head_dim=hd,
+        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        rms_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="lm_head.weight" not in shapes,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in shapes,
+        max_position=field(f"{arch}.context_length", 4096),
+        bos_token_id=field("tokenizer.ggml.bos_token_id", None),
+        eos_token_id=field("tokenizer.ggml.eos_token_id", None),
+        model_type=arch, o_bias=("model.layers.0.self_attn.o_proj.bias" in shapes
+                                 if arch == "qwen2" else None),
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in shapes,
+        fused_qkv=arch == "phi3", fused_gate_up=arch == "phi3",
+        rotary_dim=None if rot == hd else int(rot),
+        sliding_window=int(window) if window else None)

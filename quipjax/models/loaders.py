@@ -1,5 +1,5 @@
-"""Read Llama-family checkpoints: a Hugging Face folder (safetensors, sharded or not) or a GGUF
-file. Tensors are read lazily, one at a time, in Hugging Face names and (out, in) layout, so a
+"""Read checkpoints of the families of `models.families`: a Hugging Face folder (safetensors,
+sharded or not) or a GGUF file. Tensors are read lazily, one at a time, in Hugging Face names and (out, in) layout, so a
 large model never has to sit whole in memory: build one block at a time with `load_block`.
 
     src = open_checkpoint(path_or_None)     # None: the shipped SmolLM2-135M GGUF
@@ -19,10 +19,11 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax.models.adapter import LLAMA, ModelAdapter, set_param
+from quipjax.models.adapter import ModelAdapter, set_param
 from quipjax.models.assemble import assemble_model
+from quipjax.models.families import adapter_of, family_for_gguf, family_for_model_type, family_of
+from quipjax.models.family import block_names, global_names
 from quipjax.models.files import content_fingerprint, files_fingerprint
-from quipjax.models.llama import Block, Llama, LlamaSpec
 
 # transformers prints an advisory about PyTorch on import; quipjax only uses its tokenizers
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -30,6 +31,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # the files of a Hugging Face folder that decide its tokenizer (README, images, ... do not count)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+# GGUF BPE pre-tokenizer types built here: digits split one by one, then byte-level
+GPT2_PRE = ("smollm",)
 
 __all__ = ["TOKENIZER_FILES", "Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
            "default_model_path", "load_block", "load_model", "block_param_names",
@@ -68,8 +72,13 @@ class CheckpointSource:
     """A checkpoint: `spec`, `tokenizer`, `names()` and `tensor(hf_name)` (float32, lazy)."""
 
     path: str
-    spec: LlamaSpec
+    spec: object          # the family's spec (e.g. `models.llama.LlamaSpec`)
     kind: str
+
+    @property
+    def family(self):
+        """The `models.family.Family` of the checkpoint."""
+        return family_of(self.spec)
 
     def names(self) -> list:
         raise NotImplementedError
@@ -170,12 +179,13 @@ class HFFolder(CheckpointSource):
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         # transformers fills in its defaults for the model types it knows; any other type is
-        # read as written (LlamaSpec.from_hf then says whether quipjax can run it)
+        # read as written (the family's spec_from_hf then says whether quipjax can run it)
         cfg_path = os.path.join(path, "config.json")
         try:
+            family = family_for_model_type(cfg.get("model_type", "llama"))
             if cfg.get("model_type") in CONFIG_MAPPING:
                 cfg = AutoConfig.from_pretrained(path).to_dict()
-            self.spec = LlamaSpec.from_hf(cfg)
+            self.spec = family.spec_from_hf(cfg)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{cfg_path}: {' '.join(str(e).split())}") from e
         self._where = safetensors_index(path)
@@ -196,10 +206,11 @@ class HFFolder(CheckpointSource):
             raise KeyError(f"{name} is not in the checkpoint {self.path}")
         try:
             with safe_open(self._where[name], framework="flax") as h:
-                return np.asarray(h.get_tensor(name).astype(jnp.float32))
+                w = np.asarray(h.get_tensor(name).astype(jnp.float32))
         except Exception as e:          # safetensors raises its own types for bad files
             raise ValueError(f"{self._where[name]}: cannot read tensor {name} (truncated or "
                              f"corrupt file?): {' '.join(str(e).split())}") from e
+        return self.family.hf_transform(self.spec, name, w)
 
     @functools.cached_property
     def tokenizer(self):
@@ -222,14 +233,11 @@ class HFFolder(CheckpointSource):
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
-_GGUF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
 class GGUFFile(CheckpointSource):
-    """A llama.cpp GGUF file (any tensor type gguf can dequantize), architecture llama."""
+    """A llama.cpp GGUF file of an architecture of `models.families` (any tensor type the
+    `gguf` package can dequantize)."""
 
     kind = "gguf"
 
@@ -241,29 +249,13 @@ class GGUFFile(CheckpointSource):
         except Exception as e:
             raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
         arch = self.field("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"{path} is a GGUF of architecture {arch!r}; quipjax reads Llama-family "
-                             "models (general.architecture = 'llama')")
-        self._tensors = {}
-        for t in self._r.tensors:
-            self._tensors[self._hf_name(t.name)] = t
-        n = self.field("llama.block_count")
-        emb = self._tensors["model.embed_tokens.weight"]
-        heads = self.field("llama.attention.head_count")
-        d = self.field("llama.embedding_length")
-        tokens = self.field("tokenizer.ggml.tokens")
-        self.spec = LlamaSpec(
-            vocab_size=int(emb.shape[1]) if len(emb.shape) > 1 else len(tokens),
-            hidden_size=d, intermediate_size=self.field("llama.feed_forward_length"),
-            num_layers=n, num_heads=heads,
-            num_kv_heads=self.field("llama.attention.head_count_kv", heads),
-            head_dim=self.field("llama.rope.dimension_count", d // heads),
-            rope_theta=float(self.field("llama.rope.freq_base", 10000.0)),
-            rms_eps=float(self.field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings="lm_head.weight" not in self._tensors,
-            max_position=self.field("llama.context_length", 4096),
-            bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
-            eos_token_id=self.field("tokenizer.ggml.eos_token_id", None))
+        try:
+            _, self._layout = family_for_gguf(arch)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        self._tensors = {self._hf_name(t.name): t for t in self._r.tensors}
+        shapes = {k: tuple(int(s) for s in t.shape[::-1]) for k, t in self._tensors.items()}
+        self.spec = self._layout.spec(self.field, shapes)
 
     def field(self, key, default=KeyError):
         """A metadata field of the GGUF header (strings decoded, arrays as lists); `default`
@@ -283,13 +275,12 @@ class GGUFFile(CheckpointSource):
         v = vals[0]
         return v.tolist()[0] if hasattr(v, "tolist") else v
 
-    @staticmethod
-    def _hf_name(name):
+    def _hf_name(self, name):
         if name in _GGUF_GLOBAL:
             return _GGUF_GLOBAL[name]
         parts = name.split(".")
-        if parts[0] == "blk" and parts[2] in _GGUF_BLOCK:
-            return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[-1]}"
+        if parts[0] == "blk" and parts[2] in self._layout.block:
+            return f"model.layers.{parts[1]}.{self._layout.block[parts[2]]}.{parts[-1]}"
         return name
 
     def names(self):
@@ -302,26 +293,19 @@ class GGUFFile(CheckpointSource):
         t = self._tensors[name]
         w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
         w = w.reshape(tuple(int(s) for s in t.shape[::-1]))
-        # llama.cpp permutes the rows of Q and K for its interleaved RoPE; undo it for the
-        # rotate-half RoPE of the HF layout
-        if name.endswith("self_attn.q_proj.weight"):
-            w = self._unpermute(w, self.spec.num_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = self._unpermute(w, self.spec.num_kv_heads)
-        return w
-
-    @staticmethod
-    def _unpermute(w, heads):
-        rows, cols = w.shape
-        return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+        return self._layout.fixup(self.spec, name, w)
 
     @functools.cached_property
     def tokenizer(self):
         from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
         from tokenizers import AddedToken
         model = self.field("tokenizer.ggml.model", "gpt2")
-        if model != "gpt2":
-            raise ValueError(f"GGUF tokenizer model {model!r} is not supported (BPE 'gpt2' only)")
+        pre = self.field("tokenizer.ggml.pre", "default")
+        if model != "gpt2" or pre not in GPT2_PRE:
+            # another pre-tokenizer would split text differently: refuse, never mis-tokenize
+            raise ValueError(f"{self.path}: GGUF tokenizer {model!r} with pre-tokenizer {pre!r} "
+                             f"is not supported (gpt2 BPE with {sorted(GPT2_PRE)}); use the "
+                             "model's Hugging Face folder instead")
         tokens = self.field("tokenizer.ggml.tokens")
         merges = self.field("tokenizer.ggml.merges")
         types = self.field("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -353,44 +337,30 @@ def open_checkpoint(path: Optional[str] = None) -> CheckpointSource:
     raise ValueError(f"{path} is neither a Hugging Face folder nor a GGUF file")
 
 
-def block_param_names(spec: LlamaSpec, i: int) -> dict:
-    """Block parameter path -> HF tensor name."""
-    p = f"model.layers.{i}."
-    names = {"input_layernorm.weight": p + "input_layernorm.weight",
-             "post_attention_layernorm.weight": p + "post_attention_layernorm.weight"}
-    for lin in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
-        names[lin + ".weight"] = p + lin + ".weight"
-        if spec.attention_bias:
-            names[lin + ".bias"] = p + lin + ".bias"
-    for lin in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-        names[lin + ".weight"] = p + lin + ".weight"
-        if spec.mlp_bias:
-            names[lin + ".bias"] = p + lin + ".bias"
-    return names
+def block_param_names(spec, i: int) -> dict:
+    """Block parameter path -> HF tensor name of layer i."""
+    return block_names(family_of(spec), spec, i)
 
 
-def load_block(src: CheckpointSource, i: int, dtype=jnp.float32) -> Block:
+def load_block(src: CheckpointSource, i: int, dtype=jnp.float32):
     """Block i with its weights (linears in `dtype`, norms float32)."""
-    block = Block(src.spec, dtype)
+    block = src.family.block(src.spec, dtype, i)
     for path, name in block_param_names(src.spec, i).items():
         set_param(block, path, src.tensor(name))
     return block
 
 
-def source_fp_params(src: CheckpointSource, i: int, adapter: ModelAdapter = LLAMA) -> dict:
+def source_fp_params(src: CheckpointSource, i: int, adapter: ModelAdapter = None) -> dict:
     """`ModelAdapter.fp_params` of block i read straight from the source (norms, biases:
-    float32), without loading the block's quantized weights."""
+    float32), without loading the block's quantized weights. adapter: default the family's."""
+    adapter = adapter or adapter_of(src.spec)
     quantized = {m + ".weight" for m in adapter.linear_paths()}
     return {p: np.asarray(src.tensor(n), np.float32)
             for p, n in block_param_names(src.spec, i).items() if p not in quantized}
 
 
-def load_model(src: CheckpointSource, dtype=jnp.float32, placement=None) -> Llama:
+def load_model(src: CheckpointSource, dtype=jnp.float32, placement=None):
     """The FP model, built block by block (`models.assemble_model`); placement: see there."""
-    spec = src.spec
-    globals_ = {"embed_tokens": src.tensor("model.embed_tokens.weight"),
-                "norm.weight": src.tensor("model.norm.weight")}
-    if not spec.tie_embeddings:
-        globals_["lm_head.weight"] = src.tensor("lm_head.weight")
-    return assemble_model(spec, dtype, globals_=globals_, block=lambda i: load_block(src, i, dtype),
-                          placement=placement)
+    globals_ = {p: src.tensor(n) for p, n in global_names(src.spec).items()}
+    return assemble_model(src.spec, dtype, globals_=globals_,
+                          block=lambda i: load_block(src, i, dtype), placement=placement)

@@ -93,8 +93,10 @@ class ActFile:
 def embed_windows(src, windows: np.ndarray, path: str, batch: int = 1) -> None:
     """Write the embeddings (N, T, d) float32 of windows (N, T) int32 to `path`, atomically."""
     emb = np.asarray(src.tensor("model.embed_tokens.weight"), np.float32)
+    scale = src.family.embed_scale(src.spec)        # as `DecoderLM.embed` (Gemma: sqrt(d))
     out = ActFile(path + ".tmp.npy", windows.shape + (emb.shape[1],))
     for b in range(0, len(windows), batch):
-        out.write(b, emb[windows[b:b + batch]])
+        x = emb[windows[b:b + batch]]
+        out.write(b, x if scale is None else x * np.float32(scale))
     del emb
     os.replace(path + ".tmp.npy", path)

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from quipjax import layers
-from quipjax.models.adapter import LLAMA, set_param
+from quipjax.models.adapter import set_param
 from quipjax.models.assemble import assemble_model
-from quipjax.models.llama import Block, Linear, Llama
+from quipjax.models.families import adapter_of, family_of
+from quipjax.models.parts import Linear
 from quipjax.pipeline.checkpoint import Reader
 
 __all__ = ["build_model", "LINEAR_KINDS"]
@@ -28,12 +29,12 @@ __all__ = ["build_model", "LINEAR_KINDS"]
 LINEAR_KINDS = layers.KINDS
 
 
-def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter) -> Block:
+def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter):
     spec = reader.spec
     groups, norms = reader.layer(i)
     where = f"layer {i} of {reader.dir}"
     # tunable blocks keep float32 parameters (the trainables); their matmuls run in `dtype`
-    block = Block(spec, jnp.float32 if kind == "tunable" else dtype)
+    block = family_of(spec).block(spec, jnp.float32 if kind == "tunable" else dtype, i)
     missing = set(adapter.fp_params(block)) - set(norms)
     if missing:
         raise ValueError(f"{where} lacks the parameters {sorted(missing)}")
@@ -57,8 +58,8 @@ def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter) -> B
 
 def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat16,
                 placement=None, backend: str = "auto", head_dtype=None,
-                meta: Optional[dict] = None, adapter=LLAMA) -> Llama:
-    """A `Llama` from a quantized checkpoint.
+                meta: Optional[dict] = None, adapter=None):
+    """The model (of the checkpoint's family) from a quantized checkpoint.
 
     Args:
       ckpt_dir: a checkpoint directory (the --output_dir of experiments/quantize.py).
@@ -74,6 +75,7 @@ def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat
     if linears not in LINEAR_KINDS:
         raise ValueError(f"linears must be one of {LINEAR_KINDS}, got {linears!r}")
     reader = Reader(ckpt_dir, meta)
+    adapter = adapter or adapter_of(reader.spec)
     dtype = jnp.dtype(dtype)
     return assemble_model(
         reader.spec, jnp.float32 if linears == "tunable" else dtype, globals_=reader.globals(),

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.group import QuantizedGroup
-from quipjax.models.llama import LlamaSpec
+from quipjax.models.families import spec_from_dict
 from quipjax.quantize import FORMAT_VERSION, QuantizedLinear
 
 __all__ = ["CHECKPOINT_VERSION", "GLOBAL_PATHS", "Reader", "drop_e2e", "e2e_done", "e2e_info",
@@ -351,6 +351,7 @@ def verify(ckpt_dir: str) -> dict:
 
 # the checkpoint's names of the global parameters -> their module paths in the model
 GLOBAL_PATHS = {"embed_tokens": "embed_tokens", "norm": "norm.weight", "lm_head": "lm_head.weight"}
+GLOBAL_NAMES = {v: k for k, v in GLOBAL_PATHS.items()}      # module path -> stored name
 
 
 class Reader:
@@ -366,7 +367,7 @@ class Reader:
     def __init__(self, ckpt_dir: str, meta: dict | None = None):
         self.dir = ckpt_dir
         self.meta = read_meta(ckpt_dir) if meta is None else meta
-        self.spec = LlamaSpec.from_dict(self.meta["model"])
+        self.spec = spec_from_dict(self.meta["model"])
         self._e2e = load_e2e(ckpt_dir)
 
     @property

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.distributed import DEFAULT_HESSIAN_SHARDS, HessianEngine, Placement
-from quipjax.models.adapter import LLAMA, ModelAdapter
+from quipjax.models.adapter import ModelAdapter
+from quipjax.models.families import adapter_of
 from quipjax.models.loaders import CheckpointSource, load_block
 from quipjax.pipeline.activations import ActFile, acts_path, clean_work_dir, embed_windows
 
@@ -55,7 +56,7 @@ def load_layer_hessians(hess_dir: str, i: int, groups=None) -> dict:
 
 
 def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, *,
-                     adapter: ModelAdapter = LLAMA, dtype=jnp.bfloat16, batch: int = 1,
+                     adapter: ModelAdapter = None, dtype=jnp.bfloat16, batch: int = 1,
                      progress: Optional[Callable] = None, placement: Placement = Placement(),
                      shards: int = DEFAULT_HESSIAN_SHARDS) -> None:
     """Write layer_XXX.npz (H_<group>, mean_<group>, count) for every layer into hess_dir.
@@ -88,7 +89,8 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
                              f"{windows.shape}: delete {work} to recollect")
         # layers already collected still run through the same (tapped) step, so the
         # activations do not depend on where a run resumed
-        eng = HessianEngine(load_block(src, i, dtype), placement, shards, adapter)
+        eng = HessianEngine(load_block(src, i, dtype), placement, shards,
+                            adapter or adapter_of(src.spec))
         out_path = acts_path(work, i + 1)
         out = ActFile(out_path + ".tmp.npy", acts.shape) if i + 1 < L else None
         for t in range(n_steps):

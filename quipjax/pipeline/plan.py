@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from quipjax.models.families import family_for_model_type
 from quipjax.models.llama import LlamaSpec
 from quipjax.pipeline.settings import RunConfig
 
@@ -47,7 +48,7 @@ GB = 1024 ** 3
 
 
 def read_spec(path) -> tuple:
-    """(LlamaSpec, where) from a model's configuration only: a Hugging Face folder's
+    """(spec, where) from a model's configuration only: a Hugging Face folder's
     config.json, the json file itself, or a .gguf's header (weights are not read)."""
     from quipjax.models.loaders import GGUFFile, default_model_path
     path = path or default_model_path()
@@ -59,7 +60,7 @@ def read_spec(path) -> tuple:
         from quipjax.models.loaders import read_config_json
         cfg = read_config_json(os.path.dirname(path) or ".", os.path.basename(path))
         try:
-            return LlamaSpec.from_hf(cfg), path
+            return family_for_model_type(cfg.get("model_type", "llama")).spec_from_hf(cfg), path
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: {' '.join(str(e).split())}") from e
     return GGUFFile(path).spec, path

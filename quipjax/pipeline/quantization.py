@@ -22,14 +22,13 @@ from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from quipjax import codebooks, ldlq
 
 from quipjax.distributed import Placement, ShardLift, one_device_mesh
 from quipjax.group import QuantizedGroup, fuse, group_key
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
-from quipjax.models.llama import Block
+from quipjax.models.families import adapter_of, family_of
 from quipjax.models.loaders import CheckpointSource, block_param_names, source_fp_params
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline.hessians import load_layer_hessians
@@ -73,8 +72,8 @@ class SourceLayers(LayerHook):
     one matrix per device."""
 
     def __init__(self, src: CheckpointSource, placement: Placement = Placement(),
-                 adapter: ModelAdapter = LLAMA):
-        self.src, self.adapter = src, adapter
+                 adapter: ModelAdapter = None):
+        self.src, self.adapter = src, adapter or adapter_of(src.spec)
         self.width = placement.devices
         self.lift = ShardLift(placement.program_mesh)
 
@@ -144,12 +143,13 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
                 progress(i, info[i])
 
 
-def check_model(spec, codebook: str, adapter=LLAMA) -> None:
+def check_model(spec, codebook: str, adapter=None) -> None:
     """Every linear the adapter quantizes has an input dimension the codebook can code (a
     multiple of 8 for every E8P codebook): a ValueError naming the first one that has not,
     before any expensive stage. The rotations take any dimension; the codes do not."""
     step = math.lcm(ldlq.BLOCK, codebooks.get(codebook).dim)
-    block = nnx.eval_shape(lambda: Block(spec, jnp.float32))
+    adapter = adapter or adapter_of(spec)
+    block = family_of(spec).abstract_block(spec)
     for path in adapter.linear_paths():
         m, n = get_path(block, path + ".weight").shape
         if n % step:

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.distributed import Placement, parse_mesh
-from quipjax.models.adapter import LLAMA
+from quipjax.models.families import adapter_of
+from quipjax.models.family import global_names
 from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import curves, data, evaluate, hessians, outdir
@@ -239,8 +240,9 @@ def _resume_or_start(job: Job) -> None:
             outdir.remove_owned(out)
         else:
             log(f"resuming the run in {out}")
+    adapter = adapter_of(src.spec)
     ckpt.write_meta(out, dict(job.want, model=src.spec.to_dict(), tokenizer=src.tokenizer.ref,
-                              adapter=LLAMA.name, quantized_linears=LLAMA.linear_paths()))
+                              adapter=adapter.name, quantized_linears=adapter.linear_paths()))
 
 
 def fp_stage(job: Job) -> None:
@@ -316,10 +318,7 @@ def quantize_stage(job: Job, hdir: str) -> None:
     L = src.spec.num_layers
     with job.timed("quantize"):
         if not os.path.exists(os.path.join(out, "globals.json")):
-            g = {"embed_tokens": src.tensor("model.embed_tokens.weight"),
-                 "norm": src.tensor("model.norm.weight")}
-            if not src.spec.tie_embeddings:
-                g["lm_head"] = src.tensor("lm_head.weight")
+            g = {ckpt.GLOBAL_NAMES[p]: src.tensor(n) for p, n in global_names(src.spec).items()}
             ckpt.save_globals(out, g)
         tuning = cfg.ft.epochs > 0
         bar = progress_bar(L, f"quantize {cfg.settings.codebook}" + (" + in-block FT" if tuning else ""))
@@ -332,13 +331,15 @@ def quantize_stage(job: Job, hdir: str) -> None:
                 acts = ActivationWindows(src, os.path.join(out, "ft_acts"), cfg.ft, cfg.tune_dtype,
                                          windows, seed=cfg.settings.seed, placement=job.placement)
                 hook = BlockTuner(cfg.ft, cfg.tune_dtype, acts, seed=cfg.settings.seed,
-                                  placement=job.placement, log=bar.write)
+                                  placement=job.placement, log=bar.write,
+                                  adapter=adapter_of(src.spec))
 
             def progress(i, info):
                 bar.set_postfix(refresh=False, layer=i,
                                 **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
                 bar.update(1)
-            quantize_layers(out, hdir, cfg.settings, hook, range(L), progress=progress)
+            quantize_layers(out, hdir, cfg.settings, hook, range(L), progress=progress,
+                            adapter=adapter_of(src.spec))
         finally:
             bar.close()
 

@@ -29,6 +29,7 @@ from flax import nnx
 from quipjax import layers, training
 from quipjax.distributed import Placement, ShardLift, block_forward_fn, one_device_mesh
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
+from quipjax.models.families import adapter_of
 from quipjax.models.llama import Linear
 from quipjax.models.loaders import CheckpointSource, load_block, load_model
 from quipjax.pipeline import checkpoint as ckpt
@@ -181,12 +182,13 @@ class BlockTuner(LayerHook):
 
 def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute_dtype,
                  windows: np.ndarray, *, placement: Placement = Placement(),
-                 adapter: ModelAdapter = LLAMA, log: Optional[Callable] = None) -> list:
+                 adapter: Optional[ModelAdapter] = None, log: Optional[Callable] = None) -> list:
     """Tune su/sv, the norms (and the head with e2e.train_head) of the checkpoint's model to
     the FP model's next-token distribution; save the best as the checkpoint's e2e override.
 
     windows: (e2e.train_size + e2e.valid_size, ctx) int32. Returns the curve.
     """
+    adapter = adapter or adapter_of(src.spec)
     cdt = jnp.dtype(compute_dtype)
     reader = ckpt.Reader(ckpt_dir)
     model = build_model(ckpt_dir, linears="tunable", dtype=cdt, placement=placement,

@@ -1,0 +1,272 @@
+"""The Llama-family variants (Llama, Mistral, Qwen2, Qwen3, Phi-3) against an independent
+float64 NumPy forward, on tiny random configs written as transformers writes them and
+safetensors written here, read through the loaders a user's folder goes through; and the
+same weights as llama.cpp GGUF files (F32 tensors, llama.cpp's tensor names and, for the
+llama architecture, its Q/K row permutation)."""
+import os
+
+import numpy as np
+import pytest
+
+from quipjax.models import loaders
+
+from helpers import needs_text, write_word_tokenizer
+
+T = 24          # longer than the sliding windows below, so they matter
+
+
+def configs():
+    from transformers import (LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5)
+    return {
+        "llama": LlamaConfig(**common, tie_word_embeddings=False),
+        "mistral": MistralConfig(**common, sliding_window=7, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6),
+        "qwen3": Qwen3Config(**common, head_dim=24, tie_word_embeddings=True),
+        "phi3": Phi3Config(**dict(common, num_key_value_heads=4), sliding_window=9,
+                           partial_rotary_factor=0.5, tie_word_embeddings=False,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    }
+
+
+def hf_tensors(kind, c, seed=0):
+    """Random HF-named float32 tensors of config dict c."""
+    rng = np.random.default_rng(seed)
+    d, f, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    h, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or d // h
+    t = {"model.embed_tokens.weight": rng.normal(0, 1, (V, d)),
+         "model.norm.weight": 1 + 0.1 * rng.normal(size=d)}
+    if not c["tie_word_embeddings"]:
+        t["lm_head.weight"] = rng.normal(0, 0.1, (V, d))
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=d)
+        t[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=d)
+        if kind == "phi3":
+            t[p + "self_attn.qkv_proj.weight"] = rng.normal(0, 0.15, ((h + 2 * kv) * hd, d))
+            t[p + "mlp.gate_up_proj.weight"] = rng.normal(0, 0.15, (2 * f, d))
+        else:
+            for n, rows in (("q", h * hd), ("k", kv * hd), ("v", kv * hd)):
+                t[p + f"self_attn.{n}_proj.weight"] = rng.normal(0, 0.15, (rows, d))
+                if kind == "qwen2":
+                    t[p + f"self_attn.{n}_proj.bias"] = rng.normal(0, 0.5, rows)
+            t[p + "mlp.gate_proj.weight"] = rng.normal(0, 0.15, (f, d))
+            t[p + "mlp.up_proj.weight"] = rng.normal(0, 0.15, (f, d))
+        if kind == "qwen3":
+            t[p + "self_attn.q_norm.weight"] = 1 + 0.1 * rng.normal(size=hd)
+            t[p + "self_attn.k_norm.weight"] = 1 + 0.1 * rng.normal(size=hd)
+        t[p + "self_attn.o_proj.weight"] = rng.normal(0, 0.15, (d, h * hd))
+        t[p + "mlp.down_proj.weight"] = rng.normal(0, 0.15, (d, f))
+    return {k: np.asarray(v, np.float32) for k, v in t.items()}
+
+
+def reference(kind, c, t, tokens):
+    """Logits (T, V) float64 of the HF model of config dict c with tensors t: written from the
+    transformers modeling code's definitions, independently of quipjax."""
+    W = {k: v.astype(np.float64) for k, v in t.items()}
+    d, h, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or d // h
+    rope = c.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor") or 1.0)
+    rd = int(hd * partial)
+    window = c.get("sliding_window") if kind in ("mistral", "phi3") else None
+    eps = c["rms_norm_eps"]
+    n = len(tokens)
+    pos = np.arange(n, dtype=np.float64)
+    inv = 1.0 / theta ** (np.arange(0, rd, 2) / rd)
+    ang = pos[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    def rot(x):                                          # (n, heads, hd): rotate-half on rd
+        xr, rest = x[..., :rd], x[..., rd:]
+        half = np.concatenate([-xr[..., rd // 2:], xr[..., :rd // 2]], -1)
+        return np.concatenate([xr * cos[:, None] + half * sin[:, None], rest], -1)
+
+    def lin(x, name):
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    x = W["model.embed_tokens.weight"][tokens]
+    i_q, i_k = np.arange(n)[:, None], np.arange(n)[None, :]
+    allowed = i_k <= i_q
+    if window:
+        allowed &= i_k > i_q - window
+    for L in range(c["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        a = rms(x, W[p + "input_layernorm.weight"])
+        if kind == "phi3":
+            qkv = lin(a, p + "self_attn.qkv_proj")
+            q, k, v = np.split(qkv, [h * hd, (h + kv) * hd], -1)
+        else:
+            q, k, v = (lin(a, p + f"self_attn.{m}_proj") for m in "qkv")
+        q, k, v = q.reshape(n, h, hd), k.reshape(n, kv, hd), v.reshape(n, kv, hd)
+        if kind == "qwen3":
+            q, k = rms(q, W[p + "self_attn.q_norm.weight"]), rms(k, W[p + "self_attn.k_norm.weight"])
+        q, k = rot(q), rot(k)
+        out = np.zeros((n, h, hd))
+        for head in range(h):
+            j = head // (h // kv)
+            s = q[:, head] @ k[:, j].T / np.sqrt(hd)
+            s = np.where(allowed, s, -np.inf)
+            pr = np.exp(s - s.max(-1, keepdims=True))
+            out[:, head] = (pr / pr.sum(-1, keepdims=True)) @ v[:, j]
+        x = x + lin(out.reshape(n, h * hd), p + "self_attn.o_proj")
+        m = rms(x, W[p + "post_attention_layernorm.weight"])
+        if kind == "phi3":
+            gate, up = np.split(lin(m, p + "mlp.gate_up_proj"), 2, -1)
+        else:
+            gate, up = lin(m, p + "mlp.gate_proj"), lin(m, p + "mlp.up_proj")
+        x = x + lin(gate / (1 + np.exp(-gate)) * up, p + "mlp.down_proj")
+    x = rms(x, W["model.norm.weight"])
+    head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
+    return x @ head.T
+
+
+def write_hf(path, cfg, tensors):
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg.to_json_file(os.path.join(path, "config.json"))
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+
+
+def quipjax_logits(path, tokens):
+    import jax.numpy as jnp
+    src = loaders.open_checkpoint(path)
+    model = loaders.load_model(src, jnp.float32)
+    return np.asarray(model(jnp.asarray(tokens)[None]))[0], src
+
+
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_folder_matches_float64_numpy(kind, tmp_path):
+    cfg = configs()[kind]
+    c = cfg.to_dict()
+    tensors = hf_tensors(kind, c)
+    write_hf(str(tmp_path / kind), cfg, tensors)
+    tokens = np.random.default_rng(1).integers(0, c["vocab_size"], T)
+    got, src = quipjax_logits(str(tmp_path / kind), tokens)
+    want = reference(kind, c, tensors, tokens)
+    assert src.spec.model_type == kind
+    assert np.abs(want).max() > 1.0                   # not a vanishing signal
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+# llama.cpp's names of the block tensors (convert_hf_to_gguf's tensor map)
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.qkv_proj": "attn_qkv", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(path, kind, c, tensors):
+    """The tensors as llama.cpp's converter writes them for architecture `kind`."""
+    import gguf
+    w = gguf.GGUFWriter(path, kind)
+    h, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or c["hidden_size"] // h
+    rope = c.get("rope_parameters") or {}
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(h)
+    w.add_head_count_kv(kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    w.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_context_length(c["max_position_embeddings"])
+    if c.get("sliding_window") and kind == "phi3":
+        w.add_sliding_window(c["sliding_window"])
+    for name, a in tensors.items():
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            mod, leaf = rest.rsplit(".", 1)
+            if kind == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = h if mod.endswith("q_proj") else kv
+                rows, cols = a.shape       # llama.cpp's permutation for its interleaved RoPE
+                a = a.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+            gname = f"blk.{i}.{GGUF_NAMES[mod]}.{leaf}"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight",
+                     "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
+        w.add_tensor(gname, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3"])
+def test_gguf_matches_float64_numpy(kind, tmp_path):
+    cfg = configs()[kind]
+    c = cfg.to_dict()
+    tensors = hf_tensors(kind, c, seed=2)
+    path = str(tmp_path / f"{kind}.gguf")
+    write_gguf(path, kind, c, tensors)
+    tokens = np.random.default_rng(3).integers(0, c["vocab_size"], T)
+    got, src = quipjax_logits(path, tokens)
+    np.testing.assert_allclose(got, reference(kind, c, tensors, tokens), atol=1e-4, rtol=0)
+    assert src.kind == "gguf" and src.spec.model_type == kind
+
+
+def test_unknown_architectures_are_refused(tmp_path):
+    from transformers import Qwen2Config
+    cfg = Qwen2Config(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=0)
+    write_hf(str(tmp_path / "q"), cfg, {"x": np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        loaders.open_checkpoint(str(tmp_path / "q"))
+    c = cfg.to_dict()
+    c["model_type"] = "falcon"
+    path = tmp_path / "f"
+    os.makedirs(path)
+    import json
+    json.dump(c, open(path / "config.json", "w"))
+    with pytest.raises(ValueError, match="model_type 'falcon' is not supported"):
+        loaders.open_checkpoint(str(path))
+
+
+@needs_text
+def test_pipeline_runs_the_family(tmp_path, monkeypatch):
+    """quantize.py's job on a Phi-3 folder (fused linears, partial RoPE, sliding window): the
+    family's groups are quantized, and the model rebuilt from the codes computes what the
+    dequantized one does."""
+    import jax.numpy as jnp
+    from quipjax.pipeline import checkpoint as ckpt
+    from quipjax.pipeline.build import build_model
+    from quipjax.pipeline.run import quantize_model
+    from quipjax.pipeline.settings import QuantSettings, RunConfig
+    monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
+    kind = "phi3"
+    cfg = configs()[kind]
+    path = str(tmp_path / kind)
+    write_hf(path, cfg, hf_tensors(kind, cfg.to_dict()))
+    write_word_tokenizer(path, cfg.vocab_size)
+    run = RunConfig(model=path, output_dir=str(tmp_path / "out"), settings=QuantSettings(seed=1),
+                    devset_size=4, ctx_size=32, eval_ctx_size=32, eval_datasets=("c4",),
+                    dtype="float32")
+    metrics = quantize_model(run, log=lambda *a: None)
+    assert np.isfinite(metrics["ppl"]["quantized"]["c4"])
+    meta = ckpt.read_meta(run.output_dir)
+    assert meta["model"]["model_type"] == kind
+    assert meta["quantized_linears"] == ["self_attn.qkv_proj", "self_attn.o_proj",
+                                         "mlp.gate_up_proj", "mlp.down_proj"]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)))
+    deq = build_model(run.output_dir, linears="dequantized", dtype=jnp.float32)
+    codes = build_model(run.output_dir, linears="codes", dtype=jnp.float32, backend="xla")
+    a, b = np.asarray(deq(tokens)), np.asarray(codes(tokens))
+    np.testing.assert_allclose(b, a, atol=2e-3 * np.abs(a).max())
