@@ -89,7 +89,7 @@ def block_forward_fn(block, placement: Placement = Placement()) -> Callable:
 # ---------------------------------------------------------------------------- Hessians
 
 @functools.lru_cache(maxsize=32)
-def _hessian_programs(graphdef, tdef, mesh, specs, groups, shards, acc_tdef):
+def _hessian_programs(graphdef, tdef, mesh, specs, groups, shards, acc_tdef, routed=()):
     n_acc = acc_tdef.num_leaves
     names = tuple(g.name for g in groups)
 
@@ -103,7 +103,10 @@ def _hessian_programs(graphdef, tdef, mesh, specs, groups, shards, acc_tdef):
         for name in names:
             st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, keepdims=False),
                               acc[name])
-            up = hessian.update(st, seen[name], mask=mask)     # padding windows weigh 0
+            m = mask                                             # padding windows weigh 0
+            if name in routed:      # an expert's input: zero rows are tokens routed elsewhere
+                m = mask * jnp.any(seen[name] != 0, -1).astype(mask.dtype)
+            up = hessian.update(st, seen[name], mask=m)
             new[name] = jax.tree.map(
                 lambda A, v: jax.lax.dynamic_update_index_in_dim(A, v, j, 0), acc[name], up)
         return y, jax.tree.leaves(new)
@@ -134,6 +137,8 @@ class HessianEngine:
         stats = eng.finalize()                       # {group: HessianStats} (numpy)
 
     The first member of each of the adapter's groups is tapped (`quipjax.layers.InputTap`).
+    The groups the adapter pools (experts) count only their nonzero input rows: the tokens
+    routed to them (their count is 0 when none were; H and mean are then NaN).
     Window batches of b windows ("microbatches") are numbered u = step * devices + device and
     go to accumulator slot u % shards: slot s holds microbatches s, s + shards, ... in order,
     on any mesh (shards % devices == 0). Each device keeps shards / devices slots.
@@ -156,8 +161,9 @@ class HessianEngine:
         leaves, acc_tdef = jax.tree.flatten(acc)
         sh = NamedSharding(self.mesh, P(BATCH))
         self.acc = [jax.device_put(a, sh) for a in leaves]
+        routed = tuple(g.name for g in groups if adapter.pool_of(g.name))
         self._step, self._reduce = _hessian_programs(pb.graphdef, pb.tdef, self.mesh, pb.specs,
-                                                     groups, shards, acc_tdef)
+                                                     groups, shards, acc_tdef, routed)
 
     def step(self, x, step: int, mask=None):
         """x (devices * b, T, d) float32; mask (devices * b, T) (0: a padding window, its

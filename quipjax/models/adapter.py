@@ -22,19 +22,28 @@ __all__ = ["LinearGroup", "ModelAdapter", "LLAMA", "get_path", "set_path", "set_
            "path_str"]
 
 
+def _child(obj, part: str):
+    # "experts.3": an item of a list of modules
+    return obj[int(part)] if part.isdigit() else getattr(obj, part)
+
+
 def get_path(obj, path: str):
-    """The attribute at a dotted module path ("self_attn.q_proj") of obj."""
+    """The attribute at a dotted module path ("self_attn.q_proj", "mlp.experts.3.up_proj")
+    of obj; digits index lists of modules."""
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = _child(obj, part)
     return obj
 
 
 def set_path(obj, path: str, value) -> None:
-    """Replace the attribute at a dotted module path by value."""
+    """Replace the attribute (or list item) at a dotted module path by value."""
     *head, last = path.split(".")
     for part in head:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
+        obj = _child(obj, part)
+    if last.isdigit():
+        obj[int(last)] = value
+    else:
+        setattr(obj, last, value)
 
 
 def set_param(module, path: str, value, dtype=None) -> None:
@@ -80,6 +89,14 @@ class ModelAdapter:
     name: str
     groups: Tuple[LinearGroup, ...]
     blocks_attr: str = "layers"
+    # (group, pool): groups whose input rows are zero for tokens not routed to them (experts
+    # of a mixture); the Hessian counts only nonzero rows, and a group with too few tokens
+    # takes its pool's Hessian (`pipeline.hessians.pool_starved`)
+    pools: Tuple[Tuple[str, str], ...] = ()
+
+    def pool_of(self, group: str):
+        """The pool of a routed group, None for a dense one."""
+        return dict(self.pools).get(group)
 
     def blocks(self, model):
         return getattr(model, self.blocks_attr)

@@ -8,16 +8,17 @@
 | family | HF model_type | GGUF architecture | default groups |
 |---|---|---|---|
 | llama | llama, mistral, qwen2, qwen3, phi3 | llama, qwen2, qwen3, phi3 | qkv, o, up/gate, down |
+| moe | mixtral, qwen3_moe | (none yet: llama.cpp stores experts fused) | qkv, o, per expert up/gate, down |
 """
 from __future__ import annotations
 
 
 from quipjax.group import LinearGroup
-from quipjax.models import llama
+from quipjax.models import llama, moe
 from quipjax.models.adapter import LLAMA, ModelAdapter
 from quipjax.models.family import Family, GGUFLayout
 
-__all__ = ["FAMILIES", "LLAMA_FAMILY", "PHI3", "family_for_model_type", "family_for_gguf",
+__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "PHI3", "family_for_model_type", "family_for_gguf",
            "family_of", "spec_from_dict", "adapter_of"]
 
 # Phi-3's checkpoints fuse q/k/v and gate/up into single linears: each is a group of one
@@ -67,7 +68,26 @@ LLAMA_FAMILY = Family(
     gguf=(_gguf("llama", _GGUF_BLOCK, _llama_gguf_fixup), _gguf("qwen2", _GGUF_BLOCK),
           _gguf("qwen3", _GGUF_BLOCK), _gguf("phi3", _GGUF_PHI3)))
 
-FAMILIES = (LLAMA_FAMILY,)
+def _moe_adapter(spec) -> ModelAdapter:
+    """q/k/v, o, then each expert's (up, gate) and down, pooled per kind for the experts
+    that receive too few tokens."""
+    attr, g, u, dn = spec.style
+    attn = LLAMA.groups[:2]
+    experts, pools = [], []
+    for e in range(spec.num_experts):
+        p = f"{attr}.experts.{e}."
+        experts += [LinearGroup(f"e{e}_up", (p + u, p + g)), LinearGroup(f"e{e}_down", (p + dn,))]
+        pools += [(f"e{e}_up", "experts_up"), (f"e{e}_down", "experts_down")]
+    return ModelAdapter(name=spec.model_type, groups=tuple(attn) + tuple(experts),
+                        pools=tuple(pools))
+
+
+MOE_FAMILY = Family(
+    name="moe", model_types=moe.MODEL_TYPES, spec_from_hf=moe.MoESpec.from_hf,
+    spec_from_dict=moe.MoESpec.from_dict, model=moe.MoEModel, block=moe.Block,
+    adapter=_moe_adapter)
+
+FAMILIES = (LLAMA_FAMILY, MOE_FAMILY)
 
 
 def family_for_model_type(model_type: str) -> Family:

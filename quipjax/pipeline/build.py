@@ -46,8 +46,10 @@ def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter):
     members = [m for g in groups.values() for m in g.members]
     lacking = [m for m in reader.meta.get("quantized_linears", adapter.linear_paths())
                if m not in members]
+    # linears neither quantized nor stored in floating point (a MoE router is stored)
     dense = [".".join(map(str, p)) for p, m in nnx.iter_graph(block)
-             if isinstance(m, Linear) and ".".join(map(str, p)) not in members]
+             if isinstance(m, Linear) and ".".join(map(str, p)) not in members
+             and ".".join(map(str, p)) + ".weight" not in norms]
     if lacking or dense:
         raise ValueError(f"{where} lacks {sorted(set(lacking) | set(dense))}: the checkpoint "
                          "does not quantize them (it stores no dense weights)")

@@ -27,7 +27,7 @@ from quipjax.models.families import adapter_of
 from quipjax.models.loaders import CheckpointSource, load_block
 from quipjax.pipeline.activations import ActFile, acts_path, clean_work_dir, embed_windows
 
-__all__ = ["collect_hessians", "load_layer_hessians", "layer_file", "save_npz"]
+__all__ = ["collect_hessians", "load_layer_hessians", "layer_file", "save_npz", "pool_starved"]
 
 
 def layer_file(hess_dir: str, i: int) -> str:
@@ -55,16 +55,53 @@ def load_layer_hessians(hess_dir: str, i: int, groups=None) -> dict:
         raise ValueError(f"{path} is unreadable (truncated?): delete it to recollect: {e}") from e
 
 
+def pool_starved(stats: dict, adapter: ModelAdapter, layer: int, log=None) -> dict:
+    """The policy for experts that receive too few tokens: a routed group (`adapter.pools`)
+    with fewer tokens than its input dimension (H would be singular or noise) takes the
+    pooled Hessian of its pool in this layer, sum_e count_e H_e / sum_e count_e over the
+    pool's groups (every routed token of the layer, once per expert it went to), and its
+    mean likewise; each replacement is logged. A pool without any token is an error.
+
+    stats: {group: HessianStats} (numpy, from `HessianEngine.finalize`). Returns
+    {group: (H, mean, count, pooled)}: float32 arrays, the group's own count, pooled bool.
+    """
+    out = {k: (np.asarray(s.H), np.asarray(s.mean), float(s.count), False)
+           for k, s in stats.items()}
+    pools = {}
+    for g, p in adapter.pools:
+        pools.setdefault(p, []).append(g)
+    for pool, members in pools.items():
+        counts = np.array([out[g][2] for g in members], np.float64)
+        starved = [g for g, c in zip(members, counts) if c < out[g][0].shape[0]]
+        if not starved:
+            continue
+        total = counts.sum()
+        if total <= 0:
+            raise ValueError(f"layer {layer}: no calibration token reached any group of "
+                             f"{pool}: use more calibration windows")
+        used = [(g, c) for g, c in zip(members, counts) if c > 0]
+        H = sum(c * out[g][0].astype(np.float64) for g, c in used) / total
+        mean = sum(c * out[g][1].astype(np.float64) for g, c in used) / total
+        for g in starved:
+            out[g] = (H.astype(np.float32), mean.astype(np.float32), out[g][2], True)
+        if log is not None:
+            log(f"layer {layer}: {len(starved)} of {len(members)} {pool} groups had fewer "
+                f"tokens than their input dimension ({', '.join(f'{g}: {int(out[g][2])}' for g in starved)}); "
+                f"they use the layer's pooled {pool} Hessian ({int(total)} tokens)")
+    return out
+
+
 def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, *,
                      adapter: ModelAdapter = None, dtype=jnp.bfloat16, batch: int = 1,
                      progress: Optional[Callable] = None, placement: Placement = Placement(),
-                     shards: int = DEFAULT_HESSIAN_SHARDS) -> None:
+                     shards: int = DEFAULT_HESSIAN_SHARDS, log: Optional[Callable] = None) -> None:
     """Write layer_XXX.npz (H_<group>, mean_<group>, count) for every layer into hess_dir.
 
     Reuses the layers already there (resume). windows (N, T) int32. batch: windows per
     forward pass of one device. placement: the devices the windows are split over. shards:
     accumulator slots (a multiple of the device count; the result depends on it, not on the
-    mesh). progress(layer, done, total) is called after each step.
+    mesh). progress(layer, done, total) is called after each step. Experts that receive too
+    few tokens follow `pool_starved` (log: where its lines go).
     """
     L = src.spec.num_layers
     os.makedirs(hess_dir, exist_ok=True)
@@ -89,8 +126,8 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
                              f"{windows.shape}: delete {work} to recollect")
         # layers already collected still run through the same (tapped) step, so the
         # activations do not depend on where a run resumed
-        eng = HessianEngine(load_block(src, i, dtype), placement, shards,
-                            adapter or adapter_of(src.spec))
+        adapter = adapter or adapter_of(src.spec)
+        eng = HessianEngine(load_block(src, i, dtype), placement, shards, adapter)
         out_path = acts_path(work, i + 1)
         out = ActFile(out_path + ".tmp.npy", acts.shape) if i + 1 < L else None
         for t in range(n_steps):
@@ -108,10 +145,15 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
             os.replace(out_path + ".tmp.npy", out_path)
         if i in missing:
             arrays = {}
-            for name, st in eng.finalize().items():
-                arrays[f"H_{name}"] = np.asarray(st.H)
-                arrays[f"mean_{name}"] = np.asarray(st.mean)
-                arrays["count"] = np.asarray(st.count)
+            stats = eng.finalize()
+            for name, (H, mean, count, pooled) in pool_starved(stats, adapter, i, log).items():
+                arrays[f"H_{name}"] = H
+                arrays[f"mean_{name}"] = mean
+                if adapter.pool_of(name):
+                    arrays[f"count_{name}"] = np.float32(count)
+                    arrays[f"pooled_{name}"] = np.bool_(pooled)
+                else:
+                    arrays["count"] = np.asarray(stats[name].count)
             save_npz(layer_file(hess_dir, i), **arrays)
         del acts, eng
         os.remove(acts_path(work, i))

@@ -307,7 +307,8 @@ def _collect(job: Job, windows, hdir: str, n_missing: int) -> None:
     try:
         hessians.collect_hessians(job.src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
                                   batch=cfg.batch_size, progress=progress,
-                                  placement=job.placement, shards=cfg.hessian_shards)
+                                  placement=job.placement, shards=cfg.hessian_shards,
+                                  log=bar.write)
     finally:
         bar.close()
 
