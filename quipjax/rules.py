@@ -34,6 +34,7 @@ saves/restores with orbax like any NNX module (`empty_groups` builds a restore t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import zlib
@@ -651,15 +652,16 @@ def quantize_groups(model, rules: Sequence[Rule], stats: Calibration, *,
 
 def apply_groups(model, stats: Calibration, groups: Dict[str, QuantizedGroup], *,
                  linears: str = "codes", backend: str = "auto", dtype=jnp.float32):
-    """A new model (`nnx.clone`; `model` untouched) with the quantized `groups` in place.
+    """A new model (`model` untouched) with the quantized `groups` in place.
 
     linears: "codes": each member becomes a `CodesMember` of one shared `CodesGroup` per group
     (decode-matmul `backend`, rotated inputs fed to the kernel in `dtype`; outputs in the FP
-    linear's dtype, biases kept); "dequantized": the model's own linears hold the dequantized
-    weights (in their parameter dtype and layout). Works under `nnx.eval_shape`."""
+    linear's dtype, biases kept), built in one `nnx.jit` program (the codes conversion is
+    integer work and row scales one product: the eager bits); "dequantized": the model's own
+    linears hold the dequantized weights (in their parameter dtype and layout), computed
+    eagerly (`QuantizedGroup.dequantize_members`). Works under `nnx.eval_shape`."""
     if linears not in ("codes", "dequantized"):
         raise ValueError(f"linears must be 'codes' or 'dequantized', got {linears!r}")
-    new = nnx.clone(model)
     for g in stats.plan.groups:
         if g.name not in groups:
             raise ValueError(f"no quantized group {g.name!r} (have {sorted(groups)[:4]}...)")
@@ -667,12 +669,22 @@ def apply_groups(model, stats: Calibration, groups: Dict[str, QuantizedGroup], *
         if tuple(qg.rows) != g.rows or tuple(qg.ql.shape) != (sum(g.rows), g.n):
             raise ValueError(f"group {g.name}: quantized rows {qg.rows} / shape {qg.ql.shape} "
                              f"!= planned {g.rows} / {(sum(g.rows), g.n)}")
-        if linears == "dequantized":
-            for s, w in zip(g.members, qg.dequantize_members()):
-                module = _get(new, s.path)
-                linear_kind(module).write(module, w)
-            continue
-        cg = CodesGroup(qg, backend, dtype)
+    groups = {g.name: groups[g.name] for g in stats.plan.groups}
+    if linears == "codes":
+        return _with_codes(model, groups, stats.plan, backend, jnp.dtype(dtype).name)
+    new = nnx.clone(model)
+    for g in stats.plan.groups:
+        for s, w in zip(g.members, groups[g.name].dequantize_members()):
+            module = _get(new, s.path)
+            linear_kind(module).write(module, w)
+    return new
+
+
+@functools.partial(nnx.jit, static_argnames=("plan", "backend", "dtype"))
+def _with_codes(model, groups, plan: Plan, backend: str, dtype: str):
+    new = nnx.clone(model)
+    for g in plan.groups:
+        cg = CodesGroup(groups[g.name], backend, dtype)
         for i, s in enumerate(g.members):
             bias = linear_kind(_get(new, s.path)).bias(_get(new, s.path))
             _set(new, s.path, CodesMember(cg, i, s.in_shape, s.out_shape, bias, s.out_dtype))

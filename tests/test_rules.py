@@ -5,6 +5,7 @@ stored transposed, one with a 2-D output), an nnx.Embed, nnx.RMSNorms, an nnx.Li
 Sizes are chosen so that only two (shape, codebook) configurations are quantized (q+k+v and
 up+gate are both (64, 32) E8P12; o and down both (32, 32) E8P12RVQ4B): the cost of these tests
 is the compilation of the quantization stages per configuration."""
+import functools
 import os
 
 import jax
@@ -156,9 +157,15 @@ def test_groups_and_hessians(setup):
                                    atol=2e-6 * np.abs(H).max(), err_msg=name)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
 def jit_logits(model, tokens):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))(state, tokens)
+    """Logits of split/merge + jax.jit (one compilation per graphdef: the dequantized model
+    shares the FP model's, a restored codes model the codes model's)."""
+    return _forward(*nnx.split(model), tokens)
 
 
 def test_mixed_precision_codes_equal_dequantized(setup):
@@ -293,22 +300,31 @@ def test_einsum_layouts():
                "dt,df->tf",             # contracted axis not trailing
                "...d,dff->...f"):
         assert qr.einsum_layout(eq, (4, 5, 6)[:len(eq.split(",")[1].split("-")[0])]) is None, eq
-    m = nnx.Einsum("bhd,hdf->bhf", (2, 8, 4), rngs=nnx.Rngs(0))
+    # shapes and attributes only: abstract modules (no initialization is run)
+    m = nnx.eval_shape(lambda: nnx.Einsum("bhd,hdf->bhf", (2, 8, 4), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"nnx\.Einsum 'bhd,hdf->bhf' is not a plain matmul"):
         qr.linear_kind(m).layout("x", m)
-    lg = nnx.LinearGeneral(8, 4, axis=0, rngs=nnx.Rngs(0))
+    lg = nnx.eval_shape(lambda: nnx.LinearGeneral(8, 4, axis=0, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"axis=\(0,\).*needs axis=\(-1,\)"):
         qr.linear_kind(lg).layout("x", lg)
-    # Einsum and LinearGeneral adapters: matrix and write are inverse, y = x W^T
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 2, 8)).astype(np.float32)
-    for mod in (nnx.Einsum("...hd,fhd->...f", (4, 2, 8), rngs=nnx.Rngs(1)),
-                nnx.LinearGeneral((2, 8), (2, 3), axis=(-2, -1), use_bias=False,
-                                  rngs=nnx.Rngs(2))):
-        kind = qr.linear_kind(mod)
-        W = kind.matrix(mod)
-        y = np.asarray(mod(x)).reshape(3, -1)
-        np.testing.assert_allclose(y, x.reshape(3, -1) @ W.T, rtol=1e-5, atol=1e-5)
-        W2 = rng.standard_normal(W.shape).astype(np.float32)
-        kind.write(mod, W2)
-        np.testing.assert_array_equal(kind.matrix(mod), W2)
+    e = nnx.eval_shape(lambda: nnx.Einsum("...hd,fhd->...f", (4, 2, 8), rngs=nnx.Rngs(1)))
+    assert qr.linear_kind(e).layout("x", e) == ((2, 8), (4,))
+
+
+def test_explicit_groups_calibrate(setup):
+    model, stats, _, _, _ = setup
+    split = [quipjax.Rule(r"layers\.0\.attn\.(q|v)_proj", group="qv"),
+             quipjax.Rule(r".*", skip=True)]
+    st = quipjax.calibrate(model, split, BATCHES[:1])
+    assert [g.name for g in st.plan.groups] == ["layers.0.attn.qv"] and st.plan.groups[0].explicit
+    # the Hessian of q and v's input: the first batch's part of the q+k+v group's input
+    auto = quipjax.calibrate(model, [quipjax.Rule(r"layers\.0\.attn\.(q|k|v)_proj"),
+                                     quipjax.Rule(r".*", skip=True)], BATCHES[:1])
+    np.testing.assert_array_equal(np.asarray(st.hessians["layers.0.attn.qv"].H),
+                                  np.asarray(auto.hessians["layers.0.attn.q_proj+k_proj+v_proj"].H))
+    assert len(jax.tree.leaves(st)) == 3                 # a pytree: H, mean, count
+    # an explicit group whose members read different values (up and down of one MLP)
+    bad = [quipjax.Rule(r"layers\.0\.mlp\.(up|down)", group="ud"), quipjax.Rule(r".*", skip=True)]
+    with pytest.raises(ValueError, match=r"explicit group\(s\) \['layers\.0\.mlp\.ud'\]: the "
+                                         r"members' inputs differ"):
+        quipjax.calibrate(model, bad, BATCHES[:1])
