@@ -54,7 +54,7 @@ from quipjax.quantize import check_settings, quantize_linear
 
 __all__ = ["Rule", "Site", "Group", "Plan", "Calibration", "KINDS", "find_groups", "calibrate",
            "quantize_groups", "apply_groups", "quantize", "empty_groups", "key_for_group",
-           "linear_kind"]
+           "linear_kind", "einsum_layout", "get_module", "set_module"]
 
 ROTATIONS = ("auto", "hadamard", "rfft", "identity")
 
@@ -339,15 +339,17 @@ def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _get(obj, path: str):
+def get_module(obj, path: str):
+    """The module at a dotted path ("layers.0.attn.q_proj"; integers index `nnx.List`s)."""
     for part in path.split("."):
         obj = obj[int(part)] if part.isdigit() and not hasattr(obj, part) else getattr(obj, part)
     return obj
 
 
-def _set(obj, path: str, value) -> None:
+def set_module(obj, path: str, value) -> None:
+    """Replace the module at a dotted path (in place)."""
     *head, last = path.split(".")
-    parent = _get(obj, ".".join(head)) if head else obj
+    parent = get_module(obj, ".".join(head)) if head else obj
     if last.isdigit() and not hasattr(parent, last):
         parent[int(last)] = value
     else:
@@ -399,8 +401,8 @@ def _recorded(model, paths, log=None):
     `InputRecorder`s (appending their path to `log` at each call); returns {path: recorder}."""
     recs = {}
     for p in paths:
-        recs[p] = InputRecorder(_get(model, p), p, log)
-        _set(model, p, recs[p])
+        recs[p] = InputRecorder(get_module(model, p), p, log)
+        set_module(model, p, recs[p])
     return recs
 
 
@@ -638,7 +640,7 @@ def quantize_groups(model, rules: Sequence[Rule], stats: Calibration, *,
     for g in plan.groups:
         weights = []
         for s in g.members:
-            module = _get(model, s.path)
+            module = get_module(model, s.path)
             kind = linear_kind(module)
             if kind is None or kind.layout(s.path, module) != (s.in_shape, s.out_shape):
                 raise ValueError(f"{s.path}: the model's module differs from the calibrated "
@@ -675,7 +677,7 @@ def apply_groups(model, stats: Calibration, groups: Dict[str, QuantizedGroup], *
     new = nnx.clone(model)
     for g in stats.plan.groups:
         for s, w in zip(g.members, groups[g.name].dequantize_members()):
-            module = _get(new, s.path)
+            module = get_module(new, s.path)
             linear_kind(module).write(module, w)
     return new
 
@@ -686,8 +688,8 @@ def _with_codes(model, groups, plan: Plan, backend: str, dtype: str):
     for g in plan.groups:
         cg = CodesGroup(groups[g.name], backend, dtype)
         for i, s in enumerate(g.members):
-            bias = linear_kind(_get(new, s.path)).bias(_get(new, s.path))
-            _set(new, s.path, CodesMember(cg, i, s.in_shape, s.out_shape, bias, s.out_dtype))
+            bias = linear_kind(get_module(new, s.path)).bias(get_module(new, s.path))
+            set_module(new, s.path, CodesMember(cg, i, s.in_shape, s.out_shape, bias, s.out_dtype))
     return new
 
 

@@ -144,7 +144,7 @@ def test_groups_and_hessians(setup):
     sinks = {}
     for name, g in ((n, plan.group(n)) for n in names):
         sinks[name] = []
-        qr._set(spy, g.paths[0], Spy(qr._get(spy, g.paths[0]), sinks[name]))
+        qr.set_module(spy, g.paths[0], Spy(qr.get_module(spy, g.paths[0]), sinks[name]))
     for b in BATCHES:
         spy(b)
     for name, g in names.items():
