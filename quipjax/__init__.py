@@ -17,10 +17,17 @@ Quantize one layer, with the default stages or your own:
                                            quipjax.rht.Rotation("rfft", n)))
     ql = quipjax.quantize_linear(W, H, key=k, rounding=my_rounding)  # (Rotated, codebook) -> codes
 
+Quantize the linears of any Flax NNX model by Qwix-style rules (`quipjax.rules`):
+
+    rules = [quipjax.Rule(r".*attn\\.(q|k|v)_proj", codebook="E8P12"),
+             quipjax.Rule(r".*lm_head|.*embed.*", skip=True)]
+    stats = quipjax.calibrate(model, rules, batches)
+    qmodel = quipjax.quantize_with_rules(model, rules, stats, key=jax.random.key(0))
+
 Quantize a whole model: `quipjax.quantize_model(quipjax.RunConfig(model=..., output_dir=...))`,
 then `quipjax.build_model(output_dir, linears="codes")` to run it from the codes.
 """
-from quipjax import codebooks, generate, hadamard, hessian, kernels, ldlq, rht
+from quipjax import codebooks, generate, hadamard, hessian, kernels, ldlq, rht, rules
 from quipjax.distributed import Placement, parse_mesh
 from quipjax.group import LinearGroup, QuantizedGroup, fuse, group_key, quantize_group, unfuse
 from quipjax.layers import attach
@@ -35,6 +42,8 @@ from quipjax.quantize import (FORMAT_VERSION, Lift, QuantizedLinear, Rotated, Se
                               assemble, check_inputs, check_settings, factor, proxy,
                               quantize_linear, quantize_stack, rotate_and_scale, rotations_for,
                               round_ldlq)
+from quipjax.rules import Rule, calibrate, find_groups
+from quipjax.rules import quantize as quantize_with_rules
 from quipjax.training import TuneConfig, block_mse, distill_kl, tune
 
 __version__ = "0.1.0"
@@ -50,6 +59,8 @@ __all__ = [
     "Llama", "LlamaSpec", "ModelAdapter", "LLAMA", "open_checkpoint", "load_model", "attach",
     # distribution, training, generation
     "Placement", "parse_mesh", "tune", "TuneConfig", "block_mse", "distill_kl",
+    # rules: any NNX model (quipjax.rules.quantize is exported as quantize_with_rules)
+    "rules", "Rule", "find_groups", "calibrate", "quantize_with_rules",
     # the job
     "RunConfig", "QuantSettings", "BlockTuneSettings", "E2ESettings", "quantize_model",
     "build_model", "perplexity",

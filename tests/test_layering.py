@@ -17,7 +17,7 @@ LAYERS = {
     # L1 modules: models and stand-in layers
     "quipjax.models": 1, "quipjax.layers": 1,
     # L2 distribution, training, generation (and the re-exports of moved modules)
-    "quipjax.distributed": 2, "quipjax.training": 2, "quipjax.generate": 2,
+    "quipjax.distributed": 2, "quipjax.training": 2, "quipjax.generate": 2, "quipjax.rules": 2,
     "quipjax.finetune": 2, "quipjax.sharding": 2,
     # L3 the job
     "quipjax.pipeline": 3, "quipjax.formats.quipsharp": 3,

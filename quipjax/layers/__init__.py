@@ -6,6 +6,7 @@
 | the model's `Linear` with dequantized weights | `layers.dense` | evaluation, reference |
 | `TunableQuantLinear` | `layers.tunable` | fine-tuning: codes fixed, su/sv trainable |
 | `CodesGroup` + `CodesLinear` | `layers.codes` | inference from the codes (kernels) |
+| `InputRecorder`, `CodesMember` | `layers.generic` | any NNX linear (`quipjax.rules`) |
 
 `attach(block, group, kind, ...)` puts the stand-in of one kind in place of a quantized
 group's members; the model code is never edited (members are found by module path).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from quipjax.layers.codes import Codes, CodesGroup, CodesLinear, QuantVector, attach_codes
 from quipjax.layers.dense import attach_dequantized
+from quipjax.layers.generic import CodesMember, InputRecorder
 from quipjax.layers.tap import Captured, InputTap, attach_taps, tap_inputs
 from quipjax.layers.tunable import (SUSV, Frozen, TunableQuantLinear, attach_tunable,
                                     detach_tunable, rotated_back)
@@ -21,7 +23,7 @@ from quipjax.layers.tunable import (SUSV, Frozen, TunableQuantLinear, attach_tun
 __all__ = ["InputTap", "Captured", "attach_taps", "tap_inputs", "attach_dequantized",
            "Frozen", "TunableQuantLinear", "attach_tunable", "detach_tunable", "rotated_back",
            "SUSV", "Codes", "QuantVector", "CodesGroup", "CodesLinear", "attach_codes",
-           "KINDS", "attach"]
+           "InputRecorder", "CodesMember", "KINDS", "attach"]
 
 KINDS = ("dequantized", "tunable", "codes")
 
