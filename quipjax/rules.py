@@ -49,6 +49,7 @@ from quipjax import codebooks, hessian
 from quipjax.group import QuantizedGroup, quantize_group
 from quipjax.layers.codes import CodesGroup
 from quipjax.layers.generic import CodesMember, InputRecorder
+from quipjax.models.adapter import get_path as get_module, set_path as set_module
 from quipjax.models.llama import Linear as LlamaLinear
 from quipjax.quantize import check_settings, quantize_linear
 
@@ -337,23 +338,6 @@ class Plan:
 
 def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
-
-
-def get_module(obj, path: str):
-    """The module at a dotted path ("layers.0.attn.q_proj"; integers index `nnx.List`s)."""
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() and not hasattr(obj, part) else getattr(obj, part)
-    return obj
-
-
-def set_module(obj, path: str, value) -> None:
-    """Replace the module at a dotted path (in place)."""
-    *head, last = path.split(".")
-    parent = get_module(obj, ".".join(head)) if head else obj
-    if last.isdigit() and not hasattr(parent, last):
-        parent[int(last)] = value
-    else:
-        setattr(parent, last, value)
 
 
 def _match(model, rules: Sequence[Rule]) -> Dict[str, tuple]:

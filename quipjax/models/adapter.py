@@ -24,7 +24,7 @@ __all__ = ["LinearGroup", "ModelAdapter", "LLAMA", "get_path", "set_path", "set_
 
 def _child(obj, part: str):
     # "experts.3": an item of a list of modules
-    return obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj[int(part)] if part.isdigit() and not hasattr(obj, part) else getattr(obj, part)
 
 
 def get_path(obj, path: str):
@@ -40,7 +40,7 @@ def set_path(obj, path: str, value) -> None:
     *head, last = path.split(".")
     for part in head:
         obj = _child(obj, part)
-    if last.isdigit():
+    if last.isdigit() and not hasattr(obj, last):
         obj[int(last)] = value
     else:
         setattr(obj, last, value)
