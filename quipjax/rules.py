@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import zlib
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -45,74 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from quipjax import codebooks, hessian
+from quipjax import hessian
 from quipjax.group import QuantizedGroup, quantize_group
 from quipjax.layers.codes import CodesGroup
 from quipjax.layers.generic import CodesMember, InputRecorder
 from quipjax.models.adapter import get_path as get_module, set_path as set_module
+from quipjax.rule import Rule
 from quipjax.models.llama import Linear as LlamaLinear
-from quipjax.quantize import check_settings, quantize_linear
+from quipjax.quantize import quantize_linear
 
 __all__ = ["Rule", "Site", "Group", "Plan", "Calibration", "KINDS", "find_groups", "calibrate",
            "quantize_groups", "apply_groups", "quantize", "empty_groups", "key_for_group",
            "linear_kind", "einsum_layout", "get_module", "set_module"]
-
-ROTATIONS = ("auto", "hadamard", "rfft", "identity")
-
-
-# ------------------------------------------------------------------------------- rules
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Rule:
-    """Which linears, and how to quantize them.
-
-    Attributes:
-      pattern: regex, `re.fullmatch`ed against dotted module paths ("layers.0.attn.q_proj").
-        The only positional argument.
-      codebook: a `quipjax.codebooks` name ("E8P12" 2 bits, "E8P12RVQ3B" 3, "E8P12RVQ4B" 4,
-        "HI2", ...).
-      skip: leave the matched modules untouched (any module type; also shields them from
-        later rules).
-      group: fuse the linears of one parent module whose rules name the same group (their
-        inputs must hold the same values); None: automatic grouping by shared input.
-      scale, sigma_reg, rotation, tune_iters: `quipjax.quantize_linear`'s settings (scale
-        None: the codebook's default; rotation one of "auto", "hadamard", "rfft", "identity").
-    """
-
-    pattern: str = dataclasses.field(kw_only=False)
-    codebook: str = "E8P12"
-    skip: bool = False
-    group: Optional[str] = None
-    scale: Optional[float] = None
-    sigma_reg: float = 1e-2
-    rotation: str = "auto"
-    tune_iters: int = 0
-
-    def __post_init__(self):
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"{self!r}: pattern is not a valid regex ({e})") from None
-        if self.skip:
-            return
-        try:
-            codebooks.get(self.codebook)
-            check_settings(self.codebook, self.scale, self.sigma_reg)
-        except ValueError as e:
-            raise ValueError(f"{self!r}: {e}") from None
-        if self.rotation not in ROTATIONS:
-            raise ValueError(f"{self!r}: rotation must be one of {ROTATIONS}")
-        if not (isinstance(self.tune_iters, int) and self.tune_iters >= 0):
-            raise ValueError(f"{self!r}: tune_iters must be an int >= 0")
-
-    def settings(self) -> dict:
-        """The keyword arguments of `quipjax.quantize_linear` this rule sets."""
-        return dict(codebook=self.codebook, scale=self.scale, sigma_reg=self.sigma_reg,
-                    rotation=self.rotation, tune_iters=self.tune_iters)
-
-    def matches(self, path: str) -> bool:
-        return re.fullmatch(self.pattern, path) is not None
-
 
 # ------------------------------------------------------------------------------- linear kinds
 

@@ -270,3 +270,53 @@ def test_pipeline_runs_the_family(tmp_path, monkeypatch):
     codes = build_model(run.output_dir, linears="codes", dtype=jnp.float32, backend="xla")
     a, b = np.asarray(deq(tokens)), np.asarray(codes(tokens))
     np.testing.assert_allclose(b, a, atol=2e-3 * np.abs(a).max())
+
+
+def test_family_rules_give_the_fixed_groups():
+    """The Llama family's default rules derive exactly the groups (and order) quipjax has
+    always quantized; rules that match nothing or a non-linear are refused by name."""
+    from quipjax.models import families
+    from quipjax.models.adapter import LLAMA, ModelAdapter
+    from quipjax.rule import Rule
+    from helpers import TINY
+    assert families.adapter_of(TINY) == LLAMA
+    block = families.LLAMA_FAMILY.abstract_block(TINY)
+    with pytest.raises(ValueError, match=r"Rule\(pattern='mlp\\\\.nothing'.*matches no module"):
+        ModelAdapter.from_rules("llama", block, (Rule(r"mlp\.nothing"),))
+    with pytest.raises(ValueError, match="matches input_layernorm, a RMSNorm, not a linear"):
+        ModelAdapter.from_rules("llama", block, (Rule(r"input_layernorm"),))
+
+
+@needs_text
+def test_pipeline_rules_mixed_precision_and_skip(tiny_hf, tmp_path, monkeypatch):
+    """--rules: down_proj at 4 bits, o_proj kept in floating point, the rest at the run's
+    2 bits; the checkpoint says so, rebuilds, and a rerun without the rules is refused."""
+    import json
+    import jax.numpy as jnp
+    from quipjax.pipeline import checkpoint as ckpt
+    from quipjax.pipeline.build import build_model
+    from quipjax.pipeline.run import quantize_model
+    from quipjax.pipeline.settings import RunConfig
+    monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
+    path, model = tiny_hf
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"pattern": r"mlp\.down_proj", "codebook": "E8P12RVQ4B"},
+                                 {"pattern": r"self_attn\.o_proj", "skip": True}]))
+    run = RunConfig(model=path, output_dir=str(tmp_path / "out"), devset_size=2, ctx_size=32,
+                    evaluate=False, dtype="float32", rules=str(rules))
+    quantize_model(run, log=lambda *a: None)
+    groups, fp = ckpt.load_layer(run.output_dir, 1)[:2]
+    assert sorted(groups) == ["mlp.down_proj", "qkv", "up"]
+    assert groups["mlp.down_proj"].ql.codebook == "E8P12RVQ4B"
+    assert groups["qkv"].ql.codebook == groups["up"].ql.codebook == "E8P12"
+    np.testing.assert_array_equal(fp["self_attn.o_proj.weight"],
+                                  np.asarray(model.layers[1].self_attn.o_proj.weight[...]))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 12)))
+    deq = build_model(run.output_dir, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(deq.layers[1].self_attn.o_proj.weight[...]),
+                                  fp["self_attn.o_proj.weight"])
+    codes = build_model(run.output_dir, linears="codes", dtype=jnp.float32, backend="xla")
+    a, b = np.asarray(deq(tokens)), np.asarray(codes(tokens))
+    np.testing.assert_allclose(b, a, atol=2e-3 * np.abs(a).max())
+    with pytest.raises(ValueError, match="rules"):
+        quantize_model(RunConfig(**{**run.__dict__, "rules": None}), log=lambda *a: None)

@@ -13,6 +13,7 @@ LAYERS = {
     # L0 numerics: arrays in, arrays out
     "quipjax.hadamard": 0, "quipjax.rht": 0, "quipjax.hessian": 0, "quipjax.codebooks": 0,
     "quipjax.ldlq": 0, "quipjax.quantize": 0, "quipjax.group": 0, "quipjax.kernels": 0,
+    "quipjax.rule": 0,
     "quipjax.formats": 0, "quipjax.formats.quipsharp.packing": 0,
     # L1 modules: models and stand-in layers
     "quipjax.models": 1, "quipjax.layers": 1,

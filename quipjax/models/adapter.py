@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from quipjax.group import LinearGroup
+from quipjax.models.parts import Linear
 
 __all__ = ["LinearGroup", "ModelAdapter", "LLAMA", "get_path", "set_path", "set_param",
            "path_str"]
@@ -123,6 +124,44 @@ class ModelAdapter:
                 continue
             out[name] = np.asarray(v[...], np.float32)
         return out
+
+    @staticmethod
+    def from_rules(name: str, block, rules: Sequence) -> "ModelAdapter":
+        """The groups of `block`'s linears as `rules` (`quipjax.rule.Rule`s over module paths
+        inside the block) decide: the first matching rule wins, skip rules and unmatched
+        linears stay in floating point; a rule's `group` (capture groups expanded) names the
+        group, else the linear is a group of its own named by its path. Groups are ordered by
+        their first rule, then by path (numbers numerically); members likewise. A rule that
+        matches no module of the block, or decides for a module that is not a linear, is an
+        error naming it."""
+        def order(i, path):
+            return (i, [int(t) if t.isdigit() else t for t in path.split(".")])
+        found, used = {}, set()
+        for path, mod in nnx.iter_modules(block):
+            p = ".".join(str(x) for x in path)
+            hits = [j for j, r in enumerate(rules) if p and r.matches(p)]
+            used.update(hits)
+            if not hits:
+                continue
+            i = hits[0]
+            if rules[i].skip:
+                continue
+            if not isinstance(mod, Linear):
+                raise ValueError(f"rule {rules[i]!r} matches {p}, a {type(mod).__name__}, not "
+                                 "a linear: narrow its pattern")
+            found[p] = i
+        unused = [r for j, r in enumerate(rules) if j not in used]
+        if unused:
+            raise ValueError(f"rule {unused[0]!r} matches no module of the {name} block")
+        groups, pools = {}, {}
+        for p, i in sorted(found.items(), key=lambda kv: order(kv[1], kv[0])):
+            g = rules[i].group_name(p) or p
+            groups.setdefault(g, []).append(p)
+            if rules[i].pool is not None:
+                if pools.setdefault(g, rules[i].pool) != rules[i].pool:
+                    raise ValueError(f"group {g} has members of pools {pools[g]} and {rules[i].pool}")
+        return ModelAdapter(name=name, groups=tuple(LinearGroup(g, tuple(m)) for g, m in groups.items()),
+                            pools=tuple(pools.items()))
 
     def select(self, patterns: Sequence[str]) -> Tuple[LinearGroup, ...]:
         """Groups whose every member path matches one of the regexes (Qwix-style rules)."""

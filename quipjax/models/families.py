@@ -13,24 +13,34 @@
 from __future__ import annotations
 
 
-from quipjax.group import LinearGroup
 from quipjax.models import llama, moe
-from quipjax.models.adapter import LLAMA, ModelAdapter
+from quipjax.models.adapter import ModelAdapter
 from quipjax.models.family import Family, GGUFLayout
+from quipjax.rule import Rule
 
-__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "PHI3", "family_for_model_type", "family_for_gguf",
+__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "LLAMA_RULES", "PHI3_RULES", "ATTENTION_RULES", "family_for_model_type", "family_for_gguf",
            "family_of", "spec_from_dict", "adapter_of"]
 
+def _r(pattern, group, **kw):
+    return Rule(pattern, group=group, **kw)
+
+
+# the attention of every Llama-like block: q, k, v read one input (fused, rows q | k | v)
+ATTENTION_RULES = (_r(r"self_attn\.q_proj", "qkv"), _r(r"self_attn\.k_proj", "qkv"),
+                   _r(r"self_attn\.v_proj", "qkv"), _r(r"self_attn\.o_proj", "o"))
+# up before gate: the official fused upgate_proj row order, so that checkpoints export to
+# quip-sharp (rows cannot be reordered after the RHT; quipjax.formats.quipsharp)
+LLAMA_RULES = ATTENTION_RULES + (_r(r"mlp\.up_proj", "up"), _r(r"mlp\.gate_proj", "up"),
+                                 _r(r"mlp\.down_proj", "down"))
 # Phi-3's checkpoints fuse q/k/v and gate/up into single linears: each is a group of one
-PHI3 = ModelAdapter(name="phi3", groups=(
-    LinearGroup("qkv", ("self_attn.qkv_proj",)), LinearGroup("o", ("self_attn.o_proj",)),
-    LinearGroup("up", ("mlp.gate_up_proj",)), LinearGroup("down", ("mlp.down_proj",))))
+PHI3_RULES = (_r(r"self_attn\.qkv_proj", "qkv"), _r(r"self_attn\.o_proj", "o"),
+              _r(r"mlp\.gate_up_proj", "up"), _r(r"mlp\.down_proj", "down"))
 
 
-def _llama_adapter(spec) -> ModelAdapter:
+def _llama_rules(spec) -> tuple:
     if spec.fused_qkv != spec.fused_gate_up:
         raise ValueError("a Llama-family spec fuses both q/k/v and gate/up (Phi-3) or neither")
-    return PHI3 if spec.fused_qkv else LLAMA
+    return PHI3_RULES if spec.fused_qkv else LLAMA_RULES
 
 
 def _unpermute(w, heads):
@@ -64,28 +74,25 @@ def _gguf(arch, block, fixup=lambda spec, name, w: w):
 LLAMA_FAMILY = Family(
     name="llama", model_types=llama.MODEL_TYPES, spec_from_hf=llama.LlamaSpec.from_hf,
     spec_from_dict=llama.LlamaSpec.from_dict, model=llama.Llama, block=llama.Block,
-    adapter=_llama_adapter,
+    rules=_llama_rules,
     gguf=(_gguf("llama", _GGUF_BLOCK, _llama_gguf_fixup), _gguf("qwen2", _GGUF_BLOCK),
           _gguf("qwen3", _GGUF_BLOCK), _gguf("phi3", _GGUF_PHI3)))
 
-def _moe_adapter(spec) -> ModelAdapter:
-    """q/k/v, o, then each expert's (up, gate) and down, pooled per kind for the experts
-    that receive too few tokens."""
+def _moe_rules(spec) -> tuple:
+    """q/k/v, o, then every expert's (up, gate), then every expert's down; the experts'
+    inputs are routed (pooled per kind for experts that receive too few tokens). The
+    router (`gate`) matches no rule: it stays in floating point."""
     attr, g, u, dn = spec.style
-    attn = LLAMA.groups[:2]
-    experts, pools = [], []
-    for e in range(spec.num_experts):
-        p = f"{attr}.experts.{e}."
-        experts += [LinearGroup(f"e{e}_up", (p + u, p + g)), LinearGroup(f"e{e}_down", (p + dn,))]
-        pools += [(f"e{e}_up", "experts_up"), (f"e{e}_down", "experts_down")]
-    return ModelAdapter(name=spec.model_type, groups=tuple(attn) + tuple(experts),
-                        pools=tuple(pools))
+    e = rf"{attr}\.experts\.(\d+)\."
+    return ATTENTION_RULES + (_r(e + u, r"e\1_up", pool="experts_up"),
+                              _r(e + g, r"e\1_up", pool="experts_up"),
+                              _r(e + dn, r"e\1_down", pool="experts_down"))
 
 
 MOE_FAMILY = Family(
     name="moe", model_types=moe.MODEL_TYPES, spec_from_hf=moe.MoESpec.from_hf,
     spec_from_dict=moe.MoESpec.from_dict, model=moe.MoEModel, block=moe.Block,
-    adapter=_moe_adapter)
+    rules=_moe_rules)
 
 FAMILIES = (LLAMA_FAMILY, MOE_FAMILY)
 
@@ -118,7 +125,8 @@ def spec_from_dict(d: dict):
     return family_for_model_type(d.get("model_type", "llama")).spec_from_dict(d)
 
 
-def adapter_of(spec) -> ModelAdapter:
-    return family_of(spec).adapter(spec)
+def adapter_of(spec, user_rules=()) -> ModelAdapter:
+    """The linear groups of `spec`'s blocks under `user_rules`, then the family's rules."""
+    return family_of(spec).adapter(spec, user_rules)
 
 

@@ -1,9 +1,10 @@
 """Model families: what quipjax needs to know of an architecture, as one value.
 
 A `Family` bundles a model class, its block class, its spec (read from HF configs, GGUF
-metadata and quipjax checkpoints), the linear groups the pipeline quantizes by default (its
-`ModelAdapter`: which linears, which of them share an input) and how checkpoint tensors map
-to module paths. The pipeline reads only this; adding a family is a new module and a line in
+metadata and quipjax checkpoints), its default rules (`quipjax.rule.Rule`s over module paths
+inside a block: which linears are quantized and which are fused because they share an
+input; the pipeline's `ModelAdapter` is derived from them) and how checkpoint tensors map to
+module paths. The pipeline reads only this; adding a family is a new module and a line in
 `models.families`, no `if model_type == ...` elsewhere.
 
 Module paths inside a block are the Hugging Face names, so a block parameter `path` of layer
@@ -50,8 +51,9 @@ class Family:
     name: the family's name. model_types: HF `model_type` values it reads. spec_from_hf:
     config dict -> spec (errors for options it does not run). spec_from_dict: the inverse of
     `spec.to_dict()` (quipjax checkpoints). model: (spec, dtype) -> the model (a
-    `models.parts.DecoderLM`). block: (spec, dtype, layer) -> block `layer`. adapter:
-    spec -> the `ModelAdapter` (default linear groups, quantization order). hf_transform:
+    `models.parts.DecoderLM`). block: (spec, dtype, layer) -> block `layer`. rules:
+    spec -> the default `Rule`s (their groups, in order, are the quantization order; see
+    `ModelAdapter.from_rules`). hf_transform:
     (spec, hf_name, array) -> array for tensors read from HF folders (Gemma's 1 + w norms).
     gguf: the llama.cpp layouts of its architectures (none when llama.cpp has none).
     embed_scale: spec -> the factor of the embeddings (Gemma: sqrt(hidden)) or None; the
@@ -64,7 +66,7 @@ class Family:
     spec_from_dict: Callable[[dict], Any]
     model: Callable
     block: Callable
-    adapter: Callable[[Any], ModelAdapter]
+    rules: Callable[[Any], tuple]
     hf_transform: Callable = _same
     gguf: Tuple[GGUFLayout, ...] = ()
     embed_scale: Callable[[Any], Any] = _no_scale
@@ -72,6 +74,12 @@ class Family:
     def abstract_block(self, spec, layer: int = 0, dtype=jnp.float32):
         """Block `layer` as shapes only (`nnx.eval_shape`: nothing allocated)."""
         return nnx.eval_shape(lambda: self.block(spec, dtype, layer))
+
+    def adapter(self, spec, user_rules=()) -> ModelAdapter:
+        """The linear groups of `spec`'s blocks under `user_rules` followed by the family's
+        rules (the first match decides)."""
+        return ModelAdapter.from_rules(spec.model_type, self.abstract_block(spec),
+                                       tuple(user_rules) + tuple(self.rules(spec)))
 
 
 def param_paths(module) -> list:

@@ -23,6 +23,7 @@ from quipjax.models.assemble import assemble_model
 from quipjax.models.families import adapter_of, family_of
 from quipjax.models.parts import Linear
 from quipjax.pipeline.checkpoint import Reader
+from quipjax.rule import rules_from_json
 
 __all__ = ["build_model", "LINEAR_KINDS"]
 
@@ -77,7 +78,8 @@ def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat
     if linears not in LINEAR_KINDS:
         raise ValueError(f"linears must be one of {LINEAR_KINDS}, got {linears!r}")
     reader = Reader(ckpt_dir, meta)
-    adapter = adapter or adapter_of(reader.spec)
+    # the groups the run quantized: its --rules (kept in the meta), then the family's
+    adapter = adapter or adapter_of(reader.spec, rules_from_json(reader.meta.get("rules", [])))
     dtype = jnp.dtype(dtype)
     return assemble_model(
         reader.spec, jnp.float32 if linears == "tunable" else dtype, globals_=reader.globals(),

@@ -34,8 +34,10 @@ from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline.hessians import load_layer_hessians
 from quipjax.pipeline.settings import QuantSettings
 from quipjax.quantize import quantize_stack
+from quipjax.rule import first_match
 
-__all__ = ["LayerHook", "SourceLayers", "BlockLayers", "quantize_layers", "check_model"]
+__all__ = ["LayerHook", "SourceLayers", "BlockLayers", "quantize_layers", "check_model",
+           "group_settings"]
 
 
 class LayerHook:
@@ -99,11 +101,25 @@ class BlockLayers(LayerHook):
         return groups, self.adapter.fp_params(self.blocks[i])
 
 
+def group_settings(settings: QuantSettings, adapter: ModelAdapter, user_rules=()) -> dict:
+    """{group name: `quantize_linear` keyword arguments}: the run's settings, replaced by
+    those of the user rule (`--rules`) that decides the group's first member, if any."""
+    out = {}
+    for g in adapter.groups:
+        kw = settings.quantize_kw()
+        i = first_match(user_rules, g.members[0])
+        if i is not None:
+            kw.update(user_rules[i].settings())
+        out[g.name] = kw
+    return out
+
+
 def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHook,
                     layers: Sequence[int], *, adapter: ModelAdapter = LLAMA,
-                    progress: Optional[Callable] = None) -> None:
+                    progress: Optional[Callable] = None, kw: Optional[dict] = None) -> None:
     """Quantize every layer of `layers` not yet finished in the checkpoint `out`, with the
-    Hessians of `hdir` and the weights the `hook` supplies.
+    Hessians of `hdir` and the weights the `hook` supplies. kw: {group: quantize keyword
+    arguments} (`group_settings`; default `settings` for every group).
 
     progress(layer, info) after each saved layer; info = {"proxy": {group: loss}, "curves":
     {group: curve}, "seconds"}.
@@ -123,7 +139,7 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
                 [fused[i][0] for i in chunk],
                 [load_layer_hessians(hdir, i, groups=(g.name,))[g.name] for i in chunk],
                 [group_key(settings.seed, i, gi) for i in chunk], lift=hook.lift, proxies=True,
-                **settings.quantize_kw())
+                **(kw[g.name] if kw else settings.quantize_kw()))
             for i, ql, p in zip(chunk, qls, prox):
                 qg = QuantizedGroup(ql=ql, scales=jnp.asarray(fused[i][1]), members=g.members,
                                     rows=tuple(w.shape[0] for w in weights[i]))
@@ -143,17 +159,19 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
                 progress(i, info[i])
 
 
-def check_model(spec, codebook: str, adapter=None) -> None:
+def check_model(spec, codebook: str, adapter=None, kw: Optional[dict] = None) -> None:
     """Every linear the adapter quantizes has an input dimension the codebook can code (a
     multiple of 8 for every E8P codebook): a ValueError naming the first one that has not,
     before any expensive stage. The rotations take any dimension; the codes do not."""
-    step = math.lcm(ldlq.BLOCK, codebooks.get(codebook).dim)
     adapter = adapter or adapter_of(spec)
     block = family_of(spec).abstract_block(spec)
-    for path in adapter.linear_paths():
+    for g in adapter.groups:
+        cb = kw[g.name]["codebook"] if kw else codebook
+        step = math.lcm(ldlq.BLOCK, codebooks.get(cb).dim)
+        path = g.members[0]
         m, n = get_path(block, path + ".weight").shape
         if n % step:
             raise ValueError(f"model.layers.0.{path} (and every layer's) has input dimension {n}, "
-                             f"not a multiple of {step}: {codebook} codes need it (the rotations "
+                             f"not a multiple of {step}: {cb} codes need it (the rotations "
                              "take any dimension); pad the model's weights with zero columns "
                              "to the next multiple first")

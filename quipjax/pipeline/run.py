@@ -22,13 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from quipjax.distributed import Placement, parse_mesh
+from quipjax.models.adapter import ModelAdapter
 from quipjax.models.families import adapter_of
+from quipjax.rule import rules_to_json
 from quipjax.models.family import global_names
 from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import curves, data, evaluate, hessians, outdir
 from quipjax.pipeline.build import build_model
-from quipjax.pipeline.quantization import SourceLayers, check_model, quantize_layers
+from quipjax.pipeline.quantization import (SourceLayers, check_model, group_settings,
+                                           quantize_layers)
 from quipjax.pipeline.settings import RunConfig
 from quipjax.pipeline.tuning import ActivationWindows, BlockTuner, finetune_e2e
 
@@ -136,6 +139,9 @@ class Job:
     sets: dict = dataclasses.field(default_factory=dict)
     hessian_dir: Optional[str] = None
     lock: Optional[outdir.FileLock] = None     # of the output directory, held while it runs
+    rules: tuple = ()                # --rules, before the family's own
+    adapter: Optional[ModelAdapter] = None     # the linear groups (from the rules)
+    kw: Optional[dict] = None                  # {group: quantize settings}
 
     @property
     def out(self) -> str:
@@ -152,15 +158,21 @@ def _identity(cfg: RunConfig, src: CheckpointSource) -> dict:
     """What a run's results depend on: a resumed run must agree on all of it. The source is
     identified by the contents of its weights, configuration and tokenizer (not by where it is
     or when its files were touched)."""
-    return {"settings": dataclasses.asdict(cfg.settings), "finetune": cfg.finetune_meta(),
-            "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
-            "source": {"kind": src.kind, "content": src.fingerprint()},
-            "hessian_dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
-            "hessian_batch": cfg.batch_size}
+    ident = {"settings": dataclasses.asdict(cfg.settings), "finetune": cfg.finetune_meta(),
+             "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
+             "source": {"kind": src.kind, "content": src.fingerprint()},
+             "hessian_dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
+             "hessian_batch": cfg.batch_size}
+    rules = cfg.user_rules()
+    if rules:               # only with --rules: runs without them keep their identity
+        ident["rules"] = rules_to_json(rules)
+    return ident
 
 
 # identity entries checkpoints of earlier releases lack, and the value they ran with
 _IDENTITY_DEFAULTS = {"hessian_batch": 1}
+# identity entries present only when set (a run with them differs from one without)
+_OPTIONAL_IDENTITY = ("rules",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -176,7 +188,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def identity_diff(have: dict, want: dict, ignore_e2e: bool = False) -> list:
     """["name: old -> new", ...] of the identity entries of `want` that `have` (a checkpoint's
     quipjax.json) records differently; with ignore_e2e, the end-to-end settings are skipped."""
-    h = _flat({k: have.get(k, _IDENTITY_DEFAULTS.get(k)) for k in want})
+    keys = set(want) | (set(_OPTIONAL_IDENTITY) & set(have))
+    h = _flat({k: have.get(k, _IDENTITY_DEFAULTS.get(k)) for k in keys})
     w = _flat(want)
     diff = []
     for k in sorted(set(h) | set(w)):
@@ -192,7 +205,13 @@ def open_job(cfg: RunConfig, log=print) -> Job:
     (lock, ownership) and resume or start it. Nothing is written before the checks pass."""
     cfg.check()
     src = open_checkpoint(cfg.model)
-    check_model(src.spec, cfg.settings.codebook)
+    rules = cfg.user_rules()
+    try:
+        adapter = adapter_of(src.spec, rules)
+    except ValueError as e:
+        raise ValueError(f"--rules={cfg.rules}: {e}") from None
+    kw = group_settings(cfg.settings, adapter, rules)
+    check_model(src.spec, cfg.settings.codebook, adapter, kw)
     placement = Placement(parse_mesh(cfg.mesh))
     if cfg.hessian_shards % placement.devices:
         raise ValueError(f"hessian_shards ({cfg.hessian_shards}) must be a positive multiple of "
@@ -204,7 +223,7 @@ def open_job(cfg: RunConfig, log=print) -> Job:
     spec = src.spec
     log(f"model {src.path}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
         f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}; {placement.describe()}")
-    job = Job(cfg, src, placement, log, _identity(cfg, src))
+    job = Job(cfg, src, placement, log, _identity(cfg, src), rules=rules, adapter=adapter, kw=kw)
     out = cfg.output_dir
     foreign = outdir.foreign_entries(out)
     if foreign and not os.path.exists(os.path.join(out, "quipjax.json")):
@@ -240,9 +259,9 @@ def _resume_or_start(job: Job) -> None:
             outdir.remove_owned(out)
         else:
             log(f"resuming the run in {out}")
-    adapter = adapter_of(src.spec)
     ckpt.write_meta(out, dict(job.want, model=src.spec.to_dict(), tokenizer=src.tokenizer.ref,
-                              adapter=adapter.name, quantized_linears=adapter.linear_paths()))
+                              adapter=job.adapter.name,
+                              quantized_linears=job.adapter.linear_paths()))
 
 
 def fp_stage(job: Job) -> None:
@@ -272,6 +291,8 @@ def hessian_stage(job: Job) -> str:
                "reduction": "slots-exact-v1"}
         if cfg.batch_size != 1:     # batch 1 keeps the key (and the caches) of earlier releases
             key["batch"] = cfg.batch_size
+        if job.rules:               # other groups, other Hessians (the family's keep the key)
+            key["groups"] = [[g.name, list(g.members)] for g in job.adapter.groups]
         hkey = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         hdir = cfg.hessian_dir or os.path.join(data.cache_dir(), "hessians", hkey)
     with job.timed("hessians"):
@@ -308,7 +329,7 @@ def _collect(job: Job, windows, hdir: str, n_missing: int) -> None:
         hessians.collect_hessians(job.src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
                                   batch=cfg.batch_size, progress=progress,
                                   placement=job.placement, shards=cfg.hessian_shards,
-                                  log=bar.write)
+                                  log=bar.write, adapter=job.adapter)
     finally:
         bar.close()
 
@@ -325,7 +346,7 @@ def quantize_stage(job: Job, hdir: str) -> None:
         bar = progress_bar(L, f"quantize {cfg.settings.codebook}" + (" + in-block FT" if tuning else ""))
         try:
             bar.update(sum(ckpt.layer_done(out, i) for i in range(L)))
-            hook = SourceLayers(src, job.placement)
+            hook = SourceLayers(src, job.placement, job.adapter)
             if tuning:
                 windows = data.calibration_windows(src.tokenizer, cfg.ft.train_size + cfg.ft.valid_size,
                                                    cfg.ft.ctx_size, cfg.settings.seed + 1)
@@ -333,14 +354,14 @@ def quantize_stage(job: Job, hdir: str) -> None:
                                          windows, seed=cfg.settings.seed, placement=job.placement)
                 hook = BlockTuner(cfg.ft, cfg.tune_dtype, acts, seed=cfg.settings.seed,
                                   placement=job.placement, log=bar.write,
-                                  adapter=adapter_of(src.spec))
+                                  adapter=job.adapter)
 
             def progress(i, info):
                 bar.set_postfix(refresh=False, layer=i,
                                 **{k: f"{v:.4f}" for k, v in info["proxy"].items()})
                 bar.update(1)
             quantize_layers(out, hdir, cfg.settings, hook, range(L), progress=progress,
-                            adapter=adapter_of(src.spec))
+                            adapter=job.adapter, kw=job.kw)
         finally:
             bar.close()
 
@@ -367,7 +388,7 @@ def e2e_stage(job: Job) -> None:
                                                cfg.e2e.train_size + cfg.e2e.valid_size,
                                                cfg.e2e.ctx_size, cfg.settings.seed + 2)
             finetune_e2e(out, job.src, cfg.e2e, cfg.tune_dtype, windows,
-                         placement=job.placement, log=job.log)
+                         placement=job.placement, log=job.log, adapter=job.adapter)
     if cfg.ft.epochs > 0 or cfg.e2e.epochs > 0:
         curves.write_curves(out, job.src.spec.num_layers)
 

@@ -168,6 +168,32 @@ class RunConfig:
 
     requires_model: Optional[str] = setting(None, "Set by a model-specific flagfile: the model "
                                             "it is for (the run stops unless --model is given).")
+    rules: Optional[str] = setting(None, "A JSON file of quantization rules put before the "
+                                   "model family's own: a list of quipjax.Rule objects whose "
+                                   "pattern is matched against module paths inside a block "
+                                   "(e.g. {\"pattern\": \"mlp\\\\.down_proj\", \"codebook\": "
+                                   "\"E8P12RVQ4B\"}); fields left out take this run's settings. "
+                                   "Mixed precision, linears kept in floating point (skip), "
+                                   "other fusions (group).")
+
+    def user_rules(self) -> tuple:
+        """The rules of --rules (empty without it), fields defaulting to this run's
+        settings; errors name the file."""
+        if self.rules is None:
+            return ()
+        import json
+        from quipjax.rule import rules_from_json
+        if not os.path.isfile(self.rules):
+            raise FileNotFoundError(f"--rules={self.rules} does not exist")
+        try:
+            with open(self.rules, encoding="utf-8") as f:
+                items = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--rules={self.rules} is not valid JSON: {e}") from None
+        s = self.settings
+        return rules_from_json(items, f"--rules={self.rules}", dict(
+            codebook=s.codebook, scale=s.scale, sigma_reg=s.sigma_reg, rotation=s.rotation,
+            tune_iters=s.tune_iters))
 
     def check_model_given(self) -> None:
         if self.requires_model and not self.model:
@@ -195,6 +221,7 @@ class RunConfig:
             raise FileNotFoundError(f"--text_file={self.text_file} does not exist")
         if self.model is not None and not os.path.exists(self.model):
             raise FileNotFoundError(f"--model={self.model} does not exist")
+        self.user_rules()
 
     def finetune_meta(self) -> dict:
         """Both fine-tuning stages as one flat dict (the checkpoint's "finetune" record):
