@@ -31,6 +31,7 @@ from quipjax.distributed.mesh import BATCH
 from quipjax.distributed.placement import Placement, spec_for
 from quipjax.layers.tap import attach_taps, tap_inputs
 from quipjax.models.adapter import LLAMA, get_path
+from quipjax.models import parts
 from quipjax.models.parts import DecoderLM
 from quipjax.quantize import Lift
 
@@ -225,11 +226,8 @@ class ShardLift(Lift):
 
 def nll_sum(model, x, tokens):
     """Sum of -log p(tokens[:, t+1] | ...) over t, from the last hidden states x (B, T, d)
-    (`model` needs only `.head`)."""
-    logits = model.head(x[:, :-1])
-    logz = jax.nn.logsumexp(logits, -1)
-    tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
-    return jnp.sum(logz - tgt)
+    (`model` needs only `.head`; large vocabularies in chunks: `models.parts.nll_sum`)."""
+    return parts.nll_sum(model.head, x, tokens)
 
 
 class _Head(nnx.Module):

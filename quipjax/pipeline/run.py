@@ -221,8 +221,9 @@ def open_job(cfg: RunConfig, log=print) -> Job:
     if cfg.text_file:
         data.read_text(cfg.text_file)
     spec = src.spec
-    log(f"model {src.path}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
-        f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}; {placement.describe()}")
+    log(f"model {src.path} ({spec.model_type}): {spec.num_layers} layers, hidden "
+        f"{spec.hidden_size}, intermediate {spec.intermediate_size}, vocab {spec.vocab_size}; "
+        f"{len(adapter.groups)} linear groups per layer; {placement.describe()}")
     job = Job(cfg, src, placement, log, _identity(cfg, src), rules=rules, adapter=adapter, kw=kw)
     out = cfg.output_dir
     foreign = outdir.foreign_entries(out)

