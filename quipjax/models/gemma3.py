@@ -262,27 +262,18 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, cache=None):
         """x (B, T, d) float32 -> (B, T, d) float32 (and the new cache when one is given)."""
-        h = self.input_layernorm(x)
-        if cache is None:
-            a = self.self_attn(h, positions)
-        else:
-            a, cache = self.self_attn(h, positions, cache)
+        a, new_cache = parts.self_attention(self.self_attn, self.input_layernorm(x), positions,
+                                            cache)
         x = x + self.post_attention_layernorm(a)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x if cache is None else (x, cache)
+        return x if cache is None else (x, new_cache)
 
 
 class Gemma3(DecoderLM):
     """Token ids (B, T) int32 -> logits (B, T, vocab) float32."""
 
     def __init__(self, spec: Gemma3Spec, dtype=jnp.float32):
-        self.spec = spec
-        self.embed_tokens = nnx.Param(jnp.zeros((spec.vocab_size, spec.hidden_size), dtype))
-        self.layers = nnx.List([Block(spec, dtype, i) for i in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.lm_head = None if spec.tie_embeddings else Linear(spec.hidden_size, spec.vocab_size,
-                                                               dtype=dtype)
-        self.embed_scale = math.sqrt(spec.hidden_size)
+        super().__init__(spec, dtype, Block, embed_scale=math.sqrt(spec.hidden_size))
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -193,34 +193,29 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, spec: LlamaSpec, dtype, layer: int = 0):
+    """Pre-norm attention and MLP with residuals. `ffn` names the MLP attribute ("mlp"; a
+    mixture of experts puts its own there, `models.moe`)."""
+
+    def __init__(self, spec: LlamaSpec, dtype, layer: int = 0, ffn=("mlp", None)):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = Attention(spec, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp = MLP(spec, dtype)
+        self.ffn = ffn[0]
+        setattr(self, ffn[0], MLP(spec, dtype) if ffn[1] is None else ffn[1])
 
     def __call__(self, x, positions, cache=None):
-        h = self.input_layernorm(x)
-        if cache is None:
-            x = x + self.self_attn(h, positions)
-        else:
-            a, cache = self.self_attn(h, positions, cache)
-            x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x if cache is None else (x, cache)
+        a, new_cache = parts.self_attention(self.self_attn, self.input_layernorm(x), positions,
+                                            cache)
+        x = x + a
+        x = x + getattr(self, self.ffn)(self.post_attention_layernorm(x))
+        return x if cache is None else (x, new_cache)
 
 
 class Llama(DecoderLM):
     """Token ids (B, T) int32 -> logits (B, T, vocab) float32."""
 
     def __init__(self, spec: LlamaSpec, dtype=jnp.float32):
-        self.spec = spec
-        self.embed_tokens = nnx.Param(jnp.zeros((spec.vocab_size, spec.hidden_size), dtype))
-        self.layers = nnx.List([Block(spec, dtype, i) for i in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.lm_head = None if spec.tie_embeddings else Linear(spec.hidden_size, spec.vocab_size,
-                                                               dtype=dtype)
-        self.embed_scale = None
+        super().__init__(spec, dtype, Block)
 
 
 def init_random(spec: LlamaSpec, key, dtype=jnp.float32, scale: float = 0.05) -> Llama:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from quipjax.models import llama
-from quipjax.models.parts import DecoderLM, Linear, RMSNorm
+from quipjax.models.parts import DecoderLM, Linear
 
 __all__ = ["MoESpec", "Expert", "SparseMoE", "Block", "MoEModel", "MODEL_TYPES", "STYLES"]
 
@@ -132,35 +132,15 @@ class SparseMoE(nnx.Module):
         return out
 
 
-class Block(nnx.Module):
-    """Pre-norm attention, then the sparse MoE."""
+class Block(llama.Block):
+    """The Llama block with the sparse MoE in place of its MLP."""
 
     def __init__(self, spec: MoESpec, dtype, layer: int = 0):
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.self_attn = llama.Attention(spec, dtype)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        setattr(self, spec.style[0], SparseMoE(spec, dtype))
-        self.ffn = spec.style[0]
-
-    def __call__(self, x, positions, cache=None):
-        h = self.input_layernorm(x)
-        if cache is None:
-            x = x + self.self_attn(h, positions)
-        else:
-            a, cache = self.self_attn(h, positions, cache)
-            x = x + a
-        x = x + getattr(self, self.ffn)(self.post_attention_layernorm(x))
-        return x if cache is None else (x, cache)
+        super().__init__(spec, dtype, layer, ffn=(spec.style[0], SparseMoE(spec, dtype)))
 
 
 class MoEModel(DecoderLM):
     """Token ids (B, T) int32 -> logits (B, T, vocab) float32."""
 
     def __init__(self, spec: MoESpec, dtype=jnp.float32):
-        self.spec = spec
-        self.embed_tokens = nnx.Param(jnp.zeros((spec.vocab_size, spec.hidden_size), dtype))
-        self.layers = nnx.List([Block(spec, dtype, i) for i in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.lm_head = None if spec.tie_embeddings else Linear(spec.hidden_size, spec.vocab_size,
-                                                               dtype=dtype)
-        self.embed_scale = None
+        super().__init__(spec, dtype, Block)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["Linear", "RMSNorm", "rope_frequencies", "apply_rope", "attention", "attend",
+           "self_attention",
            "DecoderLM", "ACTIVATIONS", "nll_sum", "CHUNKED_LOGITS"]
 
 # the hidden_act values of HF configs the families run, as jax functions
@@ -136,8 +137,21 @@ class DecoderLM(nnx.Module):
     """Token ids (B, T) int32 -> logits (B, T, vocab) float32: embed, the blocks in
     `layers` (each `block(x, positions[, cache])`), final `norm` and the head (`lm_head`, or
     the embeddings when tied). `embed_scale` (a float or None) multiplies the embeddings
-    (Gemma's sqrt(hidden)). Subclasses build `spec`, `embed_tokens`, `layers`, `norm`,
-    `lm_head` and `embed_scale`."""
+    (Gemma's sqrt(hidden)).
+
+    Args (of a family's subclass calling this constructor): spec (vocab_size, hidden_size,
+    num_layers, rms_eps, tie_embeddings), dtype of the embeddings and linears, block(spec,
+    dtype, layer) -> a block, embed_scale.
+    """
+
+    def __init__(self, spec, dtype, block, embed_scale=None):
+        self.spec = spec
+        self.embed_tokens = nnx.Param(jnp.zeros((spec.vocab_size, spec.hidden_size), dtype))
+        self.layers = nnx.List([block(spec, dtype, i) for i in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.lm_head = None if spec.tie_embeddings else Linear(spec.hidden_size, spec.vocab_size,
+                                                               dtype=dtype)
+        self.embed_scale = embed_scale
 
     def embed(self, tokens):
         x = self.embed_tokens[...][tokens].astype(jnp.float32)
@@ -157,6 +171,14 @@ class DecoderLM(nnx.Module):
         for layer in self.layers:
             x = layer(x, positions)
         return self.head(x)
+
+
+def self_attention(attn, h, positions, cache):
+    """(attn(h, positions), cache): an attention module called with or without a decoding
+    cache (it returns (out, new cache) with one)."""
+    if cache is None:
+        return attn(h, positions), None
+    return attn(h, positions, cache)
 
 
 def attend(q, k, v, positions, cache, dtype, scale: Optional[float] = None,
