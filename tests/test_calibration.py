@@ -306,3 +306,25 @@ def test_mix_weights_no_reuse_and_no_evaluation_text(cache, tiny_hf):
         assert dropped == {"technical": 1, "multilingual": 2}.get(name, 0)
         assert not calibration._shingles("\n\n".join(paras)) & evaluation
     assert plan.identity["source"] == "mix" and len(plan.identity["sources"]) == 5
+
+
+def test_a_run_on_files_reports_its_calibration(files, cache, tiny_hf, tmp_path):
+    """The whole job on the tiny model with --calibration_files: Hessians from the planned
+    windows (a cache entry of their own), metrics.json reporting the counts."""
+    from quipjax.pipeline.run import quantize_model
+    cfg = RunConfig(model=tiny_hf[0], output_dir=str(tmp_path / "run"), devset_size=4,
+                    ctx_size=64, evaluate=False, dtype="float32",
+                    calibration=CalibrationSettings(files=(f"{files}/a.jsonl:0.5",
+                                                           f"{files}/b/*.txt:0.5")))
+    metrics = quantize_model(cfg, log=lambda *a: None)
+    with open(tmp_path / "run" / "metrics.json") as f:
+        saved = json.load(f)["calibration"]
+    assert saved == metrics["calibration"]
+    assert saved["distinct_tokens"] == 3600 and saved["tokens_used"] == 256
+    assert saved["distinct_tokens_used"] == 256 and saved["max_uses_per_token"] == 1
+    assert [s["windows"]["hessian"] for s in saved["sources"]] == [2, 2]
+    hdirs = os.listdir(os.path.join(os.environ["QUIPJAX_CACHE"], "hessians"))
+    job = open_job(cfg, log=lambda *a: None)             # resumes the finished run
+    job.lock.release()
+    assert hashlib.sha256(json.dumps(hessian_key(job), sort_keys=True).encode()).hexdigest()[
+        :16] in hdirs and "calibration" in hessian_key(job)

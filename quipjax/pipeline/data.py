@@ -134,7 +134,7 @@ def text_windows(tokenizer, text: str, ctx: int, max_windows: Optional[int] = EV
                              "use a longer text or a smaller --ctx_size")
         return ids[:k * ctx].reshape(k, ctx)
     return cached_array({"kind": "eval", "tok": tokenizer.ref, "text": _text_key(text), "ctx": ctx,
-                    "max": max_windows}, make)
+                         "max": max_windows}, make)
 
 
 def eval_windows(tokenizer, dataset: str, ctx: int = 2048) -> np.ndarray:
