@@ -37,7 +37,8 @@ from quipjax.models.loaders import load_model, open_checkpoint
 from quipjax.pipeline.build import build_model
 from quipjax.pipeline.evaluate import perplexity
 from quipjax.pipeline.run import quantize_model
-from quipjax.pipeline.settings import BlockTuneSettings, E2ESettings, QuantSettings, RunConfig
+from quipjax.pipeline.settings import (BlockTuneSettings, CalibrationSettings, E2ESettings,
+                                       QuantSettings, RunConfig)
 from quipjax.quantize import (FORMAT_VERSION, Lift, QuantizedLinear, Rotated, SequentialLift, VmapLift,
                               assemble, check_inputs, check_settings, factor, proxy,
                               quantize_linear, quantize_stack, rotate_and_scale, rotations_for,
@@ -62,6 +63,7 @@ __all__ = [
     # rules: any NNX model (quipjax.rules.quantize is exported as quantize_with_rules)
     "rules", "Rule", "find_groups", "calibrate", "quantize_with_rules",
     # the job
-    "RunConfig", "QuantSettings", "BlockTuneSettings", "E2ESettings", "quantize_model",
+    "RunConfig", "QuantSettings", "BlockTuneSettings", "E2ESettings", "CalibrationSettings",
+    "quantize_model",
     "build_model", "perplexity",
 ]

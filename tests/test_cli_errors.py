@@ -53,6 +53,12 @@ def _folders(root):
     with open(f["latin1"], "wb") as h:
         h.write("caf\u00e9 the of and ".encode("latin-1") * 50)
     f["notmodel"] = f["latin1"]
+    f["calib"] = os.path.join(root, "calib.txt")            # 20,000 tokens of the tiny model
+    with open(f["calib"], "w") as h:
+        h.write("the of and in " * 5000)
+    f["calib_jsonl"] = os.path.join(root, "calib.jsonl")
+    with open(f["calib_jsonl"], "w") as h:
+        h.write('{"text": "the of and"}\n' * 10)
     f["foreign"] = os.path.join(root, "foreign_dir")        # someone else's directory
     os.makedirs(f["foreign"])
     with open(os.path.join(f["foreign"], "notes.txt"), "w") as h:
@@ -104,6 +110,22 @@ CASES = [
      ["foreign_dir", "not a quipjax run"]),
     ("q_big_vocab", Q, ["--model={bigvocab}", "--noeval", "--devset_size=1",
                         "--ctx_size=32"], 2, ["vocabulary", "32"]),
+    ("q_calib_wiki_too_many", Q, ["--model={tiny}", "--devset_size=6000", "--ctx_size=64"], 2,
+     ["wiki calibration split", "384,000 tokens", "322,605 distinct", "--allow_repeats"]),
+    ("q_calib_files_7b", Q, ["--flagfile=llama7b_2bit", "--model={tiny}", "--noallow_repeats",
+                             "--calibration_files={calib}", "--output_dir={out}"], 2,
+     ["calib.txt", "15,728,640 tokens", "6144 Hessian windows x 2048", "20,000 distinct",
+      "--devset_size", "--allow_repeats"]),
+    ("q_calib_field", Q, ["--model={tiny}", "--calibration_files={calib_jsonl}",
+                          "--calibration_field=body"], 2,
+     ["calib.jsonl line 1 has no field 'body'", "--calibration_field"]),
+    ("q_calib_no_match", Q, ["--model={tiny}", "--calibration_files={root}/none/*.txt"], 2,
+     ["none/*.txt", "matches no file"]),
+    ("q_calib_weight", Q, ["--model={tiny}", "--calibration_files={calib}:0"], 2,
+     ["calib.txt", "positive number"]),
+    ("q_calib_both", Q, ["--model={tiny}", "--calibration=mix", "--calibration_files={calib}"],
+     2, ["--calibration=mix", "exclude each other"]),
+    ("q_calib_source", Q, ["--model={tiny}", "--calibration=books"], 2, ["books"]),
     ("e_positional", E, ["{tiny}"], 2, ["unexpected argument", "--model={tiny}"]),
     ("e_ctx0", E, ["--model={tiny}", "--ctx_size=0"], 2, ["--ctx_size"]),
     ("e_windows0", E, ["--model={tiny}", "--max_windows=0"], 2, ["window"]),

@@ -30,7 +30,8 @@ def test_defaults_are_the_dataclass_defaults():
     for cls, prefix in ((BlockTuneSettings, "ft_"), (E2ESettings, "e2e_")):
         for f in dataclasses.fields(cls):
             assert prefix + f.name in names and fv[prefix + f.name].help
-    assert {"eval", "ft_dtype", "mesh", "hessian_shards", "eval_datasets"} <= names
+    assert {"eval", "ft_dtype", "mesh", "hessian_shards", "eval_datasets", "calibration",
+            "calibration_files", "calibration_field", "allow_repeats"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.cfg"))),
@@ -43,7 +44,8 @@ def test_every_flagfile_parses(path):
         got = {"codebook": cfg.settings.codebook, "output_dir": cfg.output_dir,
                "ft_epochs": cfg.ft.epochs, "e2e_epochs": cfg.e2e.epochs,
                "ft_ctx_size": cfg.ft.ctx_size, "e2e_bs": cfg.e2e.bs,
-               "devset_size": cfg.devset_size, "mesh": cfg.mesh}.get(name)
+               "devset_size": cfg.devset_size, "mesh": cfg.mesh,
+               "allow_repeats": "" if cfg.calibration.allow_repeats else None}.get(name)
         if got is not None:
             assert str(got) == value, (name, got, value)
 

@@ -5,9 +5,11 @@
   * c4: the lines of c4.utf8.
   * evaluation: join with "\\n\\n", tokenize without BOS, non-overlapping windows of `ctx`
     tokens, the first 24; perplexity over every predicted position.
-  * calibration: only ever the wiki calibration split; `devset` windows of `ctx` tokens at
-    seeded random offsets of its tokenization.
-Tokenized windows are cached on disk (keyed by tokenizer, text and parameters).
+  * calibration (the default, --calibration=wiki): the wiki calibration split; `devset`
+    windows of `ctx` tokens at seeded random offsets of its tokenization (with replacement:
+    windows may overlap). Other calibration text (the shipped mix, the user's files) is
+    `pipeline.calibration`'s.
+Tokenized windows and token streams are cached on disk (keyed by tokenizer, text and parameters).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import numpy as np
 from quipjax.models.files import cache_dir
 
 __all__ = ["read_text", "corpus_path", "wiki_articles", "eval_text", "calibration_text", "eval_windows",
-           "calibration_windows", "text_windows", "cache_dir"]
+           "calibration_windows", "calibration_tokens", "wiki_window_starts", "text_windows",
+           "cached_array", "cache_dir"]
 
 EVAL_WINDOWS = 24
 
@@ -96,9 +99,10 @@ def _check_sizes(ctx: int, windows: int) -> None:
         raise ValueError(f"at least one window is needed, got {windows}")
 
 
-def _cached(key: dict, make):
+def cached_array(key: dict, make, prefix: str = "windows_") -> np.ndarray:
+    """make() -> array, stored in the cache directory under a hash of the JSON `key`."""
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir(), f"windows_{h}.npy")
+    path = os.path.join(cache_dir(), f"{prefix}{h}.npy")
     if os.path.exists(path):
         try:
             return np.load(path)
@@ -129,13 +133,29 @@ def text_windows(tokenizer, text: str, ctx: int, max_windows: Optional[int] = EV
             raise ValueError(f"{name} has {len(ids)} tokens: too short for one window of {ctx}; "
                              "use a longer text or a smaller --ctx_size")
         return ids[:k * ctx].reshape(k, ctx)
-    return _cached({"kind": "eval", "tok": tokenizer.ref, "text": _text_key(text), "ctx": ctx,
-                    "max": max_windows}, make)
+    return cached_array({"kind": "eval", "tok": tokenizer.ref, "text": _text_key(text), "ctx": ctx,
+                         "max": max_windows}, make)
 
 
 def eval_windows(tokenizer, dataset: str, ctx: int = 2048) -> np.ndarray:
     """The protocol's evaluation windows for wiki or c4: (<= 24, ctx) int32."""
     return text_windows(tokenizer, eval_text(dataset), ctx, EVAL_WINDOWS, dataset)
+
+
+def calibration_tokens(tokenizer) -> np.ndarray:
+    """The tokenization (T,) int32 of the wiki calibration split (no BOS), cached."""
+    text = calibration_text()
+    return cached_array({"kind": "calib_tokens", "tok": tokenizer.ref, "text": _text_key(text)},
+                        lambda: tokenizer.encode(text), prefix="tokens_")
+
+
+def wiki_window_starts(n_tokens: int, devset: int, ctx: int, seed: int = 0) -> np.ndarray:
+    """(devset,) int64 starts of the wiki sampler's windows: seeded, uniform, with
+    replacement (windows may overlap) over a stream of n_tokens."""
+    if n_tokens < ctx + 1:
+        raise ValueError(f"the calibration text has {n_tokens} tokens: too short for ctx {ctx}")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_tokens - ctx + 1, size=devset)
 
 
 def calibration_windows(tokenizer, devset: int, ctx: int, seed: int = 0) -> np.ndarray:
@@ -144,11 +164,8 @@ def calibration_windows(tokenizer, devset: int, ctx: int, seed: int = 0) -> np.n
     text = calibration_text()
 
     def make():
-        ids = tokenizer.encode(text)
-        if len(ids) < ctx + 1:
-            raise ValueError(f"the calibration text has {len(ids)} tokens: too short for ctx {ctx}")
-        rng = np.random.default_rng(seed)
-        starts = rng.integers(0, len(ids) - ctx + 1, size=devset)
+        ids = calibration_tokens(tokenizer)
+        starts = wiki_window_starts(len(ids), devset, ctx, seed)
         return np.stack([ids[s:s + ctx] for s in starts]).astype(np.int32)
-    return _cached({"kind": "calib", "tok": tokenizer.ref, "text": _text_key(text), "ctx": ctx,
-                    "devset": devset, "seed": seed}, make)
+    return cached_array({"kind": "calib", "tok": tokenizer.ref, "text": _text_key(text), "ctx": ctx,
+                         "devset": devset, "seed": seed}, make)

@@ -28,7 +28,7 @@ from quipjax.rule import rules_to_json
 from quipjax.models.family import global_names
 from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline import curves, data, evaluate, hessians, outdir
+from quipjax.pipeline import calibration, curves, data, evaluate, hessians, outdir
 from quipjax.pipeline.build import build_model
 from quipjax.pipeline.quantization import (SourceLayers, check_model, group_settings,
                                            quantize_layers)
@@ -36,7 +36,7 @@ from quipjax.pipeline.settings import RunConfig
 from quipjax.pipeline.tuning import ActivationWindows, BlockTuner, finetune_e2e
 
 __all__ = ["Job", "quantize_model", "open_job", "fp_stage", "hessian_stage", "quantize_stage",
-           "e2e_stage", "bits_stage", "measure", "fp_perplexity", "checkpoint_perplexity",
+           "e2e_stage", "bits_stage", "hessian_key", "measure", "fp_perplexity", "checkpoint_perplexity",
            "tokenizer_from_ref", "eval_sets", "perplexity_bar", "progress_bar"]
 
 
@@ -138,6 +138,7 @@ class Job:
     seconds: dict = dataclasses.field(default_factory=dict)
     sets: dict = dataclasses.field(default_factory=dict)
     hessian_dir: Optional[str] = None
+    calibration: Optional[calibration.CalibrationPlan] = None   # the calibration windows
     lock: Optional[outdir.FileLock] = None     # of the output directory, held while it runs
     rules: tuple = ()                # --rules, before the family's own
     adapter: Optional[ModelAdapter] = None     # the linear groups (from the rules)
@@ -154,12 +155,12 @@ class Job:
         self.seconds[name] = time.perf_counter() - t
 
 
-def _identity(cfg: RunConfig, src: CheckpointSource) -> dict:
+def _identity(cfg: RunConfig, src: CheckpointSource, calib: dict) -> dict:
     """What a run's results depend on: a resumed run must agree on all of it. The source is
     identified by the contents of its weights, configuration and tokenizer (not by where it is
-    or when its files were touched)."""
+    or when its files were touched), the calibration text likewise (`CalibrationPlan.identity`)."""
     ident = {"settings": dataclasses.asdict(cfg.settings), "finetune": cfg.finetune_meta(),
-             "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size,
+             "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size, "calibration": calib,
              "source": {"kind": src.kind, "content": src.fingerprint()},
              "hessian_dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
              "hessian_batch": cfg.batch_size}
@@ -170,7 +171,7 @@ def _identity(cfg: RunConfig, src: CheckpointSource) -> dict:
 
 
 # identity entries checkpoints of earlier releases lack, and the value they ran with
-_IDENTITY_DEFAULTS = {"hessian_batch": 1}
+_IDENTITY_DEFAULTS = {"hessian_batch": 1, "calibration": {"source": "wiki"}}
 # identity entries present only when set (a run with them differs from one without)
 _OPTIONAL_IDENTITY = ("rules",)
 
@@ -224,13 +225,19 @@ def open_job(cfg: RunConfig, log=print) -> Job:
     log(f"model {src.path} ({spec.model_type}): {spec.num_layers} layers, hidden "
         f"{spec.hidden_size}, intermediate {spec.intermediate_size}, vocab {spec.vocab_size}; "
         f"{len(adapter.groups)} linear groups per layer; {placement.describe()}")
-    job = Job(cfg, src, placement, log, _identity(cfg, src), rules=rules, adapter=adapter, kw=kw)
     out = cfg.output_dir
     foreign = outdir.foreign_entries(out)
     if foreign and not os.path.exists(os.path.join(out, "quipjax.json")):
         raise ValueError(f"{out} is not empty and is not a quipjax run (it holds "
                          f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
                          "choose a new or empty --output_dir")
+    t = time.perf_counter()             # the text must hold the windows asked for: check now
+    plan = calibration.make_plan(src.tokenizer, cfg.calibration, calibration.requests(cfg),
+                                 cfg.settings.seed)
+    job = Job(cfg, src, placement, log, _identity(cfg, src, plan.identity), calibration=plan,
+              rules=rules, adapter=adapter, kw=kw)
+    job.seconds["calibration_plan"] = time.perf_counter() - t
+    job.metrics["calibration"] = plan.stats
     job.lock = outdir.FileLock(out, f"the output directory {out}").acquire()
     try:
         _resume_or_start(job)
@@ -278,23 +285,30 @@ def fp_stage(job: Job) -> None:
         job.log(f"FP perplexity {k}: {v['ppl']:.4f} ({v['tokens']} tokens)")
 
 
+def hessian_key(job: Job) -> dict:
+    """What the Hessians depend on: the key of their cache entry."""
+    cfg = job.cfg
+    key = {"model": job.src.fingerprint(), "devset": cfg.devset_size, "ctx": cfg.ctx_size,
+           "seed": cfg.settings.seed, "dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
+           "reduction": "slots-exact-v1"}
+    if job.calibration.kind != "wiki":   # wiki keeps the key (and caches) of earlier releases
+        key["calibration"] = job.calibration.identity
+    if cfg.batch_size != 1:     # batch 1 keeps the key (and the caches) of earlier releases
+        key["batch"] = cfg.batch_size
+    if job.rules:               # other groups, other Hessians (the family's keep the key)
+        key["groups"] = [[g.name, list(g.members)] for g in job.adapter.groups]
+    return key
+
+
 def hessian_stage(job: Job) -> str:
     """Calibration windows and the Hessians of every layer (cached by model and calibration
     settings, batch size included; resumable). Returns the Hessian directory."""
     cfg, src = job.cfg, job.src
     L = src.spec.num_layers
     with job.timed("calibration_data"):
-        windows = data.calibration_windows(src.tokenizer, cfg.devset_size, cfg.ctx_size,
-                                           cfg.settings.seed)
+        windows = job.calibration.windows("hessian")
         evaluate.check_windows(windows, src.spec.vocab_size)
-        key = {"model": src.fingerprint(), "devset": cfg.devset_size, "ctx": cfg.ctx_size,
-               "seed": cfg.settings.seed, "dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
-               "reduction": "slots-exact-v1"}
-        if cfg.batch_size != 1:     # batch 1 keeps the key (and the caches) of earlier releases
-            key["batch"] = cfg.batch_size
-        if job.rules:               # other groups, other Hessians (the family's keep the key)
-            key["groups"] = [[g.name, list(g.members)] for g in job.adapter.groups]
-        hkey = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        hkey = hashlib.sha256(json.dumps(hessian_key(job), sort_keys=True).encode()).hexdigest()[:16]
         hdir = cfg.hessian_dir or os.path.join(data.cache_dir(), "hessians", hkey)
     with job.timed("hessians"):
         def missing():
@@ -349,8 +363,7 @@ def quantize_stage(job: Job, hdir: str) -> None:
             bar.update(sum(ckpt.layer_done(out, i) for i in range(L)))
             hook = SourceLayers(src, job.placement, job.adapter)
             if tuning:
-                windows = data.calibration_windows(src.tokenizer, cfg.ft.train_size + cfg.ft.valid_size,
-                                                   cfg.ft.ctx_size, cfg.settings.seed + 1)
+                windows = job.calibration.windows("ft")
                 acts = ActivationWindows(src, os.path.join(out, "ft_acts"), cfg.ft, cfg.tune_dtype,
                                          windows, seed=cfg.settings.seed, placement=job.placement)
                 hook = BlockTuner(cfg.ft, cfg.tune_dtype, acts, seed=cfg.settings.seed,
@@ -385,9 +398,7 @@ def e2e_stage(job: Job) -> None:
             measure(job, "before_e2e", "perplexity before end-to-end tuning")
             _write_json(os.path.join(out, "metrics.json"), job.metrics, 1)   # kept if e2e dies
         with job.timed("e2e_finetune"):
-            windows = data.calibration_windows(job.src.tokenizer,
-                                               cfg.e2e.train_size + cfg.e2e.valid_size,
-                                               cfg.e2e.ctx_size, cfg.settings.seed + 2)
+            windows = job.calibration.windows("e2e")
             finetune_e2e(out, job.src, cfg.e2e, cfg.tune_dtype, windows,
                          placement=job.placement, log=job.log, adapter=job.adapter)
     if cfg.ft.epochs > 0 or cfg.e2e.epochs > 0:

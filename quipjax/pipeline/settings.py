@@ -16,8 +16,10 @@ from typing import Optional, Tuple
 
 from quipjax import codebooks
 from quipjax.distributed import DEFAULT_HESSIAN_SHARDS
+from quipjax.pipeline import calibration
 
-__all__ = ["QuantSettings", "BlockTuneSettings", "E2ESettings", "RunConfig", "DTYPES",
+__all__ = ["QuantSettings", "BlockTuneSettings", "E2ESettings", "CalibrationSettings",
+           "RunConfig", "DTYPES",
            "EVAL_DATASETS",
            "setting", "define_flags", "from_flags", "default_output_dir"]
 
@@ -129,6 +131,41 @@ class E2ESettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    """The text the calibration windows (Hessians and fine-tuning) come from
+    (`pipeline.calibration`)."""
+
+    FLAG_PREFIX = "calibration_"
+    source: str = setting("wiki", "Calibration text: wiki (the wiki calibration split, windows at "
+                          "random offsets, as in earlier releases) or mix (that split with "
+                          "exllamav2's multilingual, code, technical and TinyStories texts, "
+                          "weights 0.45/0.2/0.15/0.1/0.1, windows without overlap).",
+                          flag="calibration", enum=calibration.SOURCES)
+    files: Tuple[str, ...] = setting((), "Calibration text of your own instead: comma-separated "
+                                     ".txt (a file is a document), .jsonl (a line is a document: "
+                                     "its --calibration_field) or .parquet (a row: that column; "
+                                     "needs pyarrow) paths or globs, each with an optional "
+                                     ":weight, e.g. a.jsonl:0.7,b/*.txt:0.3 (no weights: in "
+                                     "proportion to their tokens). Windows without overlap: each "
+                                     "token used at most once.")
+    field: str = setting("text", "The text field of --calibration_files' .jsonl lines and "
+                         ".parquet rows.")
+    allow_repeats: bool = setting(False, "Let calibration windows reuse tokens when the run asks "
+                                  "for more (Hessian and fine-tuning windows x their tokens) than "
+                                  "the calibration text holds; without it such a run stops "
+                                  "before any model work.", flag="allow_repeats")
+
+    def check(self) -> None:
+        """Raise naming the flag: both sources given, a bad field, entries matching no file."""
+        if self.files and self.source != "wiki":
+            raise ValueError(f"--calibration={self.source} and --calibration_files exclude each "
+                             "other: give one")
+        if self.files and not self.field:
+            raise ValueError("--calibration_field must name the text field of the files")
+        calibration.parse_sources(self.files)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole job of experiments/quantize.py (`quipjax.pipeline.run.quantize_model`)."""
 
@@ -151,6 +188,7 @@ class RunConfig:
                                          "a cache directory keyed by model and calibration "
                                          "settings.")
     batch_size: int = setting(1, "Windows per forward pass (of each device).")
+    calibration: CalibrationSettings = CalibrationSettings()
     overwrite: bool = setting(False, "Replace an --output_dir holding a run with other settings.")
     ft: BlockTuneSettings = BlockTuneSettings()
     e2e: E2ESettings = E2ESettings()
@@ -207,6 +245,7 @@ class RunConfig:
         self.settings.check()
         self.ft.check()
         self.e2e.check()
+        self.calibration.check()
         for name in ("devset_size", "ctx_size", "eval_ctx_size", "batch_size", "hessian_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
