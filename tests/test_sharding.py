@@ -250,7 +250,7 @@ def test_eight_simulated_devices_identical_codes_and_collectives(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=1200)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-4000:]
     r = json.loads(lines[-1][len("RESULT "):])
