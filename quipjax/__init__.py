@@ -32,7 +32,11 @@ from quipjax.distributed import Placement, parse_mesh
 from quipjax.group import LinearGroup, QuantizedGroup, fuse, group_key, quantize_group, unfuse
 from quipjax.layers import attach
 from quipjax.models.adapter import LLAMA, ModelAdapter
+from quipjax.models.families import FAMILIES, adapter_of, family_of
+from quipjax.models.family import Family
+from quipjax.models.gemma3 import Gemma3, Gemma3Spec
 from quipjax.models.llama import Llama, LlamaSpec
+from quipjax.models.moe import MoEModel, MoESpec
 from quipjax.models.loaders import load_model, open_checkpoint
 from quipjax.pipeline.build import build_model
 from quipjax.pipeline.evaluate import perplexity
@@ -57,7 +61,9 @@ __all__ = [
     "quantize_linear", "Lift", "SequentialLift", "VmapLift", "quantize_stack",
     "LinearGroup", "QuantizedGroup", "fuse", "unfuse", "group_key", "quantize_group",
     # models and stand-in layers
-    "Llama", "LlamaSpec", "ModelAdapter", "LLAMA", "open_checkpoint", "load_model", "attach",
+    "Llama", "LlamaSpec", "Gemma3", "Gemma3Spec", "MoEModel", "MoESpec", "FAMILIES", "Family",
+    "family_of", "adapter_of", "ModelAdapter", "LLAMA", "open_checkpoint", "load_model",
+    "attach",
     # distribution, training, generation
     "Placement", "parse_mesh", "tune", "TuneConfig", "block_mse", "distill_kl",
     # rules: any NNX model (quipjax.rules.quantize is exported as quantize_with_rules)

@@ -21,8 +21,10 @@ from quipjax.models.adapter import ModelAdapter
 from quipjax.models.family import Family, GGUFLayout
 from quipjax.rule import Rule
 
-__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "GEMMA3_FAMILY", "LLAMA_RULES", "PHI3_RULES", "ATTENTION_RULES", "family_for_model_type", "family_for_gguf",
+__all__ = ["FAMILIES", "LLAMA_FAMILY", "MOE_FAMILY", "GEMMA3_FAMILY", "LLAMA_RULES",
+           "PHI3_RULES", "ATTENTION_RULES", "family_for_model_type", "family_for_gguf",
            "family_of", "spec_from_dict", "adapter_of"]
+
 
 def _r(pattern, group, **kw):
     return Rule(pattern, group=group, **kw)
