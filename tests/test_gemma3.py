@@ -276,3 +276,51 @@ def test_gguf_tokenizer_on_wiki_test_text():
     assert ids[:8] == [48148, 660, 63505, 17740, 1614, 108, 48148, 660]
     assert len(ids) == 42441           # REAL_DATA.md: the test split is 42,441 tokens
     assert tok.decode(ids) == text
+
+
+def test_gguf_file_matches_float64_numpy(tmp_path):
+    """A gemma3 GGUF as llama.cpp writes it (its tensor names, norms stored with the 1
+    added, every 6th layer global, local theta 10000 and query_pre_attn_scalar = head_dim
+    implied) read by the GGUF loader = the float64 reference of the same weights."""
+    import gguf
+    from quipjax.models import families, loaders
+    cfg = tiny_config(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                      query_pre_attn_scalar=16,
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "default", "rope_theta": 5e5}})
+    w = hf_weights(cfg, seed=4)
+    names = {v: k for k, v in families.GEMMA3_FAMILY.gguf[0].block.items()}
+    path = str(tmp_path / "g.gguf")
+    wr = gguf.GGUFWriter(path, "gemma3")
+    wr.add_block_count(6)
+    wr.add_embedding_length(cfg["hidden_size"])
+    wr.add_feed_forward_length(cfg["intermediate_size"])
+    wr.add_head_count(cfg["num_attention_heads"])
+    wr.add_head_count_kv(cfg["num_key_value_heads"])
+    wr.add_key_length(cfg["head_dim"])
+    wr.add_value_length(cfg["head_dim"])
+    wr.add_rope_freq_base(5e5)
+    wr.add_sliding_window(WINDOW)
+    wr.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    wr.add_context_length(128)
+    wr.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
+    for name, a in w.items():
+        if name.endswith("norm.weight"):
+            a = a + np.float32(1.0)             # llama.cpp stores Gemma's norms as 1 + w
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}.{names[rest.rsplit('.', 1)[0]]}.weight"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight",
+                     "model.norm.weight": "output_norm.weight"}[name]
+        wr.add_tensor(gname, np.ascontiguousarray(a, np.float32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    src = loaders.open_checkpoint(path)
+    assert src.kind == "gguf" and src.family.name == "gemma3"
+    model = loaders.load_model(src, jnp.float32)
+    tokens = np.random.default_rng(5).integers(0, cfg["vocab_size"], (1, T))
+    got = np.asarray(forward(model, jnp.asarray(tokens, jnp.int32)))[0]
+    np.testing.assert_allclose(got, np_forward(cfg, w, tokens[0]), atol=1e-4, rtol=0)
