@@ -240,38 +240,6 @@ def test_unknown_architectures_are_refused(tmp_path):
         loaders.open_checkpoint(str(path))
 
 
-@needs_text
-def test_pipeline_runs_the_family(tmp_path, monkeypatch):
-    """quantize.py's job on a Phi-3 folder (fused linears, partial RoPE, sliding window): the
-    family's groups are quantized, and the model rebuilt from the codes computes what the
-    dequantized one does."""
-    import jax.numpy as jnp
-    from quipjax.pipeline import checkpoint as ckpt
-    from quipjax.pipeline.build import build_model
-    from quipjax.pipeline.run import quantize_model
-    from quipjax.pipeline.settings import QuantSettings, RunConfig
-    monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
-    kind = "phi3"
-    cfg = configs()[kind]
-    path = str(tmp_path / kind)
-    write_hf(path, cfg, hf_tensors(kind, cfg.to_dict()))
-    write_word_tokenizer(path, cfg.vocab_size)
-    run = RunConfig(model=path, output_dir=str(tmp_path / "out"), settings=QuantSettings(seed=1),
-                    devset_size=4, ctx_size=32, eval_ctx_size=32, eval_datasets=("c4",),
-                    dtype="float32")
-    metrics = quantize_model(run, log=lambda *a: None)
-    assert np.isfinite(metrics["ppl"]["quantized"]["c4"])
-    meta = ckpt.read_meta(run.output_dir)
-    assert meta["model"]["model_type"] == kind
-    assert meta["quantized_linears"] == ["self_attn.qkv_proj", "self_attn.o_proj",
-                                         "mlp.gate_up_proj", "mlp.down_proj"]
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)))
-    deq = build_model(run.output_dir, linears="dequantized", dtype=jnp.float32)
-    codes = build_model(run.output_dir, linears="codes", dtype=jnp.float32, backend="xla")
-    a, b = np.asarray(deq(tokens)), np.asarray(codes(tokens))
-    np.testing.assert_allclose(b, a, atol=2e-3 * np.abs(a).max())
-
-
 def test_family_rules_give_the_fixed_groups():
     """The Llama family's default rules derive exactly the groups (and order) quipjax has
     always quantized; rules that match nothing or a non-linear are refused by name."""
@@ -288,9 +256,11 @@ def test_family_rules_give_the_fixed_groups():
 
 
 @needs_text
-def test_pipeline_rules_mixed_precision_and_skip(tiny_hf, tmp_path, monkeypatch):
-    """--rules: down_proj at 4 bits, o_proj kept in floating point, the rest at the run's
-    2 bits; the checkpoint says so, rebuilds, and a rerun without the rules is refused."""
+def test_pipeline_phi3_with_rules(tmp_path, monkeypatch):
+    """quantize.py's job on a Phi-3 folder (fused linears, partial RoPE, sliding window) with
+    --rules: down_proj at 4 bits, o_proj kept in floating point, the fused qkv_proj and
+    gate_up_proj at the run's 2 bits. The checkpoint says so, the model rebuilt from the
+    codes computes what the dequantized one does, and a rerun without the rules is refused."""
     import json
     import jax.numpy as jnp
     from quipjax.pipeline import checkpoint as ckpt
@@ -298,23 +268,30 @@ def test_pipeline_rules_mixed_precision_and_skip(tiny_hf, tmp_path, monkeypatch)
     from quipjax.pipeline.run import quantize_model
     from quipjax.pipeline.settings import RunConfig
     monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
-    path, model = tiny_hf
+    cfg = configs()["phi3"]
+    path = str(tmp_path / "phi3")
+    tensors = hf_tensors("phi3", cfg.to_dict())
+    write_hf(path, cfg, tensors)
+    write_word_tokenizer(path, cfg.vocab_size)
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([{"pattern": r"mlp\.down_proj", "codebook": "E8P12RVQ4B"},
                                  {"pattern": r"self_attn\.o_proj", "skip": True}]))
     run = RunConfig(model=path, output_dir=str(tmp_path / "out"), devset_size=2, ctx_size=32,
                     evaluate=False, dtype="float32", rules=str(rules))
     quantize_model(run, log=lambda *a: None)
+    meta = ckpt.read_meta(run.output_dir)
+    assert meta["model"]["model_type"] == "phi3"
+    assert sorted(meta["quantized_linears"]) == ["mlp.down_proj", "mlp.gate_up_proj",
+                                                 "self_attn.qkv_proj"]
     groups, fp = ckpt.load_layer(run.output_dir, 1)[:2]
     assert sorted(groups) == ["mlp.down_proj", "qkv", "up"]
     assert groups["mlp.down_proj"].ql.codebook == "E8P12RVQ4B"
     assert groups["qkv"].ql.codebook == groups["up"].ql.codebook == "E8P12"
-    np.testing.assert_array_equal(fp["self_attn.o_proj.weight"],
-                                  np.asarray(model.layers[1].self_attn.o_proj.weight[...]))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 12)))
+    o = tensors["model.layers.1.self_attn.o_proj.weight"]
+    np.testing.assert_array_equal(fp["self_attn.o_proj.weight"], o)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)))
     deq = build_model(run.output_dir, dtype=jnp.float32)
-    np.testing.assert_array_equal(np.asarray(deq.layers[1].self_attn.o_proj.weight[...]),
-                                  fp["self_attn.o_proj.weight"])
+    np.testing.assert_array_equal(np.asarray(deq.layers[1].self_attn.o_proj.weight[...]), o)
     codes = build_model(run.output_dir, linears="codes", dtype=jnp.float32, backend="xla")
     a, b = np.asarray(deq(tokens)), np.asarray(codes(tokens))
     np.testing.assert_allclose(b, a, atol=2e-3 * np.abs(a).max())
