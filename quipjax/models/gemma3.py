@@ -341,15 +341,4 @@ def spec_from_gguf(field: Callable, tensor_names=None) -> Gemma3Spec:
 
 def init_random(spec: Gemma3Spec, key, dtype=jnp.float32, scale: float = 0.05) -> Gemma3:
     """A Gemma3 with N(0, scale^2) matrices and norm weights about 1 (tests, benchmarks)."""
-    model = Gemma3(spec, dtype)
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(key, len(leaves))
-    new = []
-    for k, leaf in zip(keys, leaves):
-        if leaf.ndim == 1:   # norm weights
-            new.append((1.0 + 0.1 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
-        else:
-            new.append((scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
-    nnx.update(model, jax.tree.unflatten(treedef, new))
-    return model
+    return parts.randomize(Gemma3(spec, dtype), key, scale)

@@ -219,19 +219,8 @@ class Llama(DecoderLM):
 
 
 def init_random(spec: LlamaSpec, key, dtype=jnp.float32, scale: float = 0.05) -> Llama:
-    """A Llama with random weights (tests, benchmarks)."""
-    model = Llama(spec, dtype)
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(key, len(leaves))
-    new = []
-    for k, leaf in zip(keys, leaves):
-        if leaf.ndim == 1:   # norm weights and biases
-            new.append((1.0 + 0.1 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
-        else:
-            new.append((scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
-    nnx.update(model, jax.tree.unflatten(treedef, new))
-    return model
+    """A Llama with random weights (tests, benchmarks; `parts.randomize`)."""
+    return parts.randomize(Llama(spec, dtype), key, scale)
 
 
 def random_block(spec: LlamaSpec, key, dtype=jnp.bfloat16, scale: float = 0.02) -> Block:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["Linear", "RMSNorm", "rope_frequencies", "apply_rope", "attention", "attend",
-           "self_attention",
+           "self_attention", "randomize",
            "DecoderLM", "ACTIVATIONS", "nll_sum", "CHUNKED_LOGITS"]
 
 # the hidden_act values of HF configs the families run, as jax functions
@@ -233,6 +233,22 @@ def nll_sum(head, x, tokens, chunk: int = 256):
         return jnp.sum(jnp.where(vc[None], logz - tgt, 0.0))
 
     return jnp.sum(jax.lax.map(one, (xs, tg, valid)))
+
+
+def randomize(model, key, scale: float = 0.05):
+    """Fill the `nnx.Param`s of model in place (and return it): vectors (norms, biases)
+    1 + N(0, 0.1^2), matrices N(0, scale^2), one key per parameter (tests, benchmarks)."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(key, len(leaves))
+    new = []
+    for k, leaf in zip(keys, leaves):
+        if leaf.ndim == 1:   # norm weights and biases
+            new.append((1.0 + 0.1 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
+        else:
+            new.append((scale * jax.random.normal(k, leaf.shape)).astype(leaf.dtype))
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
 
 
 def _vocab(head, x1):
