@@ -96,11 +96,14 @@ def test_ctrl_c_says_the_same_command_resumes(tiny_hf, tmp_path):
     deadline = time.time() + 300
     while "Hessians" not in "".join(err) and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    alive = p.poll() is None
     p.send_signal(signal.SIGINT)
     p.wait(timeout=120)
     th.join()
     text = "".join(err).replace("\r", "\n")
     lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert alive, ("the run ended before the test saw its Hessian stage and sent Ctrl-C",
+                   text[-3000:])
     assert p.returncode == 130, (p.returncode, text[-3000:])
     assert "Traceback" not in text
     assert lines[-1] == "interrupted: run the same command again to resume where it stopped"
