@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from typing import Callable, Optional, Sequence
 
 from absl import flags
@@ -126,6 +127,8 @@ def run(main: Callable, *, positional: Optional[str] = None, resumable: bool = F
     try:
         main(rest)
     except KeyboardInterrupt:
+        # libraries may warn while the interpreter shuts down: keep the interrupt line last
+        warnings.simplefilter("ignore")
         print("interrupted" + (": run the same command again to resume where it stopped"
                                if resumable else ""), file=sys.stderr)
         sys.exit(130)
