@@ -89,7 +89,7 @@ def test_reads_txt_jsonl_globs_and_weights(files, cache, tiny_hf):
     assert [s["windows"]["hessian"] for s in plan.stats["sources"]] == [5, 4]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="the .parquet reader needs pyarrow, an optional extra: pip install -e '.[parquet]'")
 def test_reads_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
