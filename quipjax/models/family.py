@@ -88,9 +88,20 @@ def param_paths(module) -> list:
             jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))[0]]
 
 
+_PATHS: dict = {}
+
+
+def _block_param_paths(family: Family, spec, i: int) -> tuple:
+    # traced once per (family, spec, layer): weights are fetched by name layer after layer
+    key = (family.name, spec, i)
+    if key not in _PATHS:
+        _PATHS[key] = tuple(param_paths(family.abstract_block(spec, i)))
+    return _PATHS[key]
+
+
 def block_names(family: Family, spec, i: int) -> dict:
     """{block parameter path: HF tensor name} of layer i."""
-    return {p: f"model.layers.{i}.{p}" for p in param_paths(family.abstract_block(spec, i))}
+    return {p: f"model.layers.{i}.{p}" for p in _block_param_paths(family, spec, i)}
 
 
 def global_names(spec) -> dict:
