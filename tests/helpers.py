@@ -137,3 +137,84 @@ def write_tiny_checkpoint(path, spec=TINY_GEN, seed=0, e2e=False):
     if e2e:
         ckpt.save_e2e(path, layers, {"norm": rng.uniform(0.9, 1.1, spec.hidden_size)}, {})
     return ckpt.read_meta(path)
+
+
+# llama.cpp's names of the block tensors (convert_hf_to_gguf's tensor map)
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.qkv_proj": "attn_qkv", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+# the experts' names: (HF module of the router, {HF expert linear: llama.cpp name})
+GGUF_EXPERTS = {"mixtral": ("block_sparse_moe", {"w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}),
+                "qwen3_moe": ("mlp", {"gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                                      "down_proj": "ffn_down"})}
+
+
+def write_gguf(path, arch, c, tensors, model_type=None, per_expert=False, rope_factors=None,
+               header=None):
+    """HF-named float32 `tensors` of config dict c as llama.cpp's converter writes them for
+    its architecture `arch`: F32 tensors, llama.cpp's names, the Q/K row permutation of the
+    llama architecture; experts (model_type mixtral / qwen3_moe) stacked as (E, rows, cols)
+    `ffn_*_exps` tensors, or one tensor per expert (`ffn_gate.{e}`, older files) when
+    per_expert; rope_factors: a `rope_freqs.weight` tensor; header(writer): more fields."""
+    import gguf
+    w = gguf.GGUFWriter(path, arch)
+    h, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or c["hidden_size"] // h
+    rope = c.get("rope_parameters") or {}
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(h)
+    w.add_head_count_kv(kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    w.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_context_length(c["max_position_embeddings"])
+    if c.get("sliding_window") and arch == "phi3":
+        w.add_sliding_window(c["sliding_window"])
+    attr, experts = GGUF_EXPERTS.get(model_type, (None, {}))
+    if experts:
+        w.add_expert_count(c.get("num_experts") or c.get("num_local_experts"))
+        w.add_expert_used_count(c["num_experts_per_tok"])
+        if model_type == "qwen3_moe":
+            w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    if header:
+        header(w)
+    out, stacks = {}, {}
+    for name, a in tensors.items():
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            mod, leaf = rest.rsplit(".", 1)
+            if arch == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = h if mod.endswith("q_proj") else kv
+                rows, cols = a.shape       # llama.cpp's permutation for its interleaved RoPE
+                a = a.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+            if mod == f"{attr}.gate":
+                out[f"blk.{i}.ffn_gate_inp.{leaf}"] = a
+                continue
+            if experts and mod.startswith(f"{attr}.experts."):
+                _, e, lin = mod[len(attr) + 1:].split(".")
+                if per_expert:
+                    out[f"blk.{i}.{experts[lin]}.{e}.{leaf}"] = a
+                else:
+                    stacks.setdefault(f"blk.{i}.{experts[lin]}_exps.{leaf}", {})[int(e)] = a
+                continue
+            out[f"blk.{i}.{GGUF_NAMES[mod]}.{leaf}"] = a
+        else:
+            out[{"model.embed_tokens.weight": "token_embd.weight",
+                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]] = a
+    for gname, per in stacks.items():
+        out[gname] = np.stack([per[e] for e in range(len(per))])
+    if rope_factors is not None:
+        out["rope_freqs.weight"] = np.asarray(rope_factors)
+    for gname, a in out.items():
+        w.add_tensor(gname, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -10,7 +10,7 @@ import pytest
 
 from quipjax.models import loaders
 
-from helpers import needs_text, write_word_tokenizer
+from helpers import needs_text, write_gguf, write_word_tokenizer
 
 T = 24          # longer than the sliding windows below, so they matter
 
@@ -64,9 +64,10 @@ def hf_tensors(kind, c, seed=0):
     return {k: np.asarray(v, np.float32) for k, v in t.items()}
 
 
-def reference(kind, c, t, tokens):
+def reference(kind, c, t, tokens, divisors=1.0):
     """Logits (T, V) float64 of the HF model of config dict c with tensors t: written from the
-    transformers modeling code's definitions, independently of quipjax."""
+    transformers modeling code's definitions, independently of quipjax. divisors: of the RoPE
+    frequencies (scalar or one per frequency: rope scaling)."""
     W = {k: v.astype(np.float64) for k, v in t.items()}
     d, h, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
     hd = c.get("head_dim") or d // h
@@ -78,7 +79,7 @@ def reference(kind, c, t, tokens):
     eps = c["rms_norm_eps"]
     n = len(tokens)
     pos = np.arange(n, dtype=np.float64)
-    inv = 1.0 / theta ** (np.arange(0, rd, 2) / rd)
+    inv = 1.0 / theta ** (np.arange(0, rd, 2) / rd) / divisors
     ang = pos[:, None] * inv[None]
     cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
 
@@ -161,54 +162,6 @@ def test_hf_folder_matches_float64_numpy(kind, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-# llama.cpp's names of the block tensors (convert_hf_to_gguf's tensor map)
-GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "self_attn.qkv_proj": "attn_qkv", "self_attn.q_norm": "attn_q_norm",
-              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-              "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-
-
-def write_gguf(path, kind, c, tensors):
-    """The tensors as llama.cpp's converter writes them for architecture `kind`."""
-    import gguf
-    w = gguf.GGUFWriter(path, kind)
-    h, kv = c["num_attention_heads"], c["num_key_value_heads"]
-    hd = c.get("head_dim") or c["hidden_size"] // h
-    rope = c.get("rope_parameters") or {}
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_embedding_length(c["hidden_size"])
-    w.add_feed_forward_length(c["intermediate_size"])
-    w.add_head_count(h)
-    w.add_head_count_kv(kv)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
-    w.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))
-    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_context_length(c["max_position_embeddings"])
-    if c.get("sliding_window") and kind == "phi3":
-        w.add_sliding_window(c["sliding_window"])
-    for name, a in tensors.items():
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            mod, leaf = rest.rsplit(".", 1)
-            if kind == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = h if mod.endswith("q_proj") else kv
-                rows, cols = a.shape       # llama.cpp's permutation for its interleaved RoPE
-                a = a.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-            gname = f"blk.{i}.{GGUF_NAMES[mod]}.{leaf}"
-        else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight",
-                     "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
-        w.add_tensor(gname, np.ascontiguousarray(a, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3"])
 def test_gguf_matches_float64_numpy(kind, tmp_path):
     cfg = configs()[kind]
@@ -220,6 +173,38 @@ def test_gguf_matches_float64_numpy(kind, tmp_path):
     got, src = quipjax_logits(path, tokens)
     np.testing.assert_allclose(got, reference(kind, c, tensors, tokens), atol=1e-4, rtol=0)
     assert src.kind == "gguf" and src.spec.model_type == kind
+
+
+@pytest.mark.parametrize("how", ["rope_freqs", "linear"])
+def test_gguf_rope_scaling(how, tmp_path):
+    """llama.cpp's two ways of storing rope scaling for the llama architecture: per-frequency
+    divisors as a `rope_freqs.weight` tensor (Llama 3.1 / 3.2) and rope.scaling.type linear
+    with its factor. Read, not ignored: the logits follow the scaled frequencies."""
+    cfg = configs()["llama"]
+    c = cfg.to_dict()
+    tensors = hf_tensors("llama", c, seed=4)
+    n_freq = c["hidden_size"] // c["num_attention_heads"] // 2
+    if how == "rope_freqs":
+        divisors = np.linspace(1.0, 8.0, n_freq)
+        kw = dict(rope_factors=divisors)
+    else:
+        divisors = 4.0
+        kw = dict(header=lambda w: (w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR),
+                                    w.add_rope_scaling_factor(4.0)))
+    path = str(tmp_path / "scaled.gguf")
+    write_gguf(path, "llama", c, tensors, **kw)
+    tokens = np.random.default_rng(5).integers(0, c["vocab_size"], T)
+    got, src = quipjax_logits(path, tokens)
+    want = reference("llama", c, tensors, tokens, divisors)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    unscaled = reference("llama", c, tensors, tokens)
+    assert np.abs(unscaled - want).max() > 1e-2        # the scaling matters at these positions
+    assert dict(src.spec.rope_scaling)["rope_type"] == ("freq_factors" if how == "rope_freqs"
+                                                       else "linear")
+    # a checkpoint's spec survives its JSON round trip (the factors come back as a tuple)
+    import json
+    from quipjax.models.families import spec_from_dict
+    assert spec_from_dict(json.loads(json.dumps(src.spec.to_dict()))) == src.spec
 
 
 def test_unknown_architectures_are_refused(tmp_path):

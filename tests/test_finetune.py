@@ -188,6 +188,29 @@ def test_inblock_tuning_lowers_heldout_block_mse(tmp_path):
     np.testing.assert_allclose(held_mse(tuned), e_tuned, rtol=1e-3)
 
 
+def test_inblock_tuning_that_never_improves_says_so(tmp_path):
+    """A learning rate that makes every epoch worse keeps the untuned values and says so
+    (Gemma 3 at SmolLM2's learning rates did this silently)."""
+    spec, model, x, y = _tiny_block_data(n=16)
+    fp = model.layers[0]
+    hess = _block_hessians(fp, x)
+
+    def train_b(epoch, stage):
+        for b in range(0, 12, 4):
+            yield jnp.asarray(x[b:b + 4]), jnp.asarray(y[b:b + 4])
+
+    def valid_b():
+        yield jnp.asarray(x[12:]), jnp.asarray(y[12:])
+
+    logs = []
+    cfg = BlockTuneSettings(epochs=2, lr=10.0, susv_lr=10.0, bs=4, update_freq=1, early_stop=2)
+    tuner = BlockTuner(cfg, "float32", lambda i: (copy.deepcopy(fp), train_b, valid_b), seed=0,
+                       log=logs.append)
+    _, info = _quantize_block(tuner, hess, QuantSettings(codebook="E8P12"), str(tmp_path), "bad")
+    assert all(not any(e["best"] for e in c[1:]) for c in info["curves"].values())
+    assert len(logs) == 3 and all("no epoch lowered it" in m and "--ft_lr" in m for m in logs)
+
+
 @needs_text
 def test_pipeline_finetune_resume_and_e2e_lowers_kl(tmp_path, monkeypatch, run_killed):
     path = str(tmp_path / "tiny_hf")

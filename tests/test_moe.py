@@ -11,7 +11,7 @@ from quipjax.models import loaders
 from quipjax.models.adapter import ModelAdapter
 from quipjax.pipeline import hessians
 
-from helpers import needs_text, write_word_tokenizer
+from helpers import needs_text, write_gguf, write_word_tokenizer
 
 STYLE = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
          "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
@@ -139,6 +139,30 @@ def test_forward_matches_float64_numpy(kind, tmp_path):
     got = np.asarray(loaders.load_model(src, jnp.float32)(jnp.asarray(tokens)[None]))[0]
     want, _ = reference(kind, c, t, tokens)
     assert np.abs(want).max() > 1
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,per_expert", [("mixtral", False), ("mixtral", True),
+                                             ("qwen3_moe", False)])
+def test_gguf_matches_float64_numpy(kind, per_expert, tmp_path):
+    """The same models as llama.cpp's converter writes them: Mixtral as its llama
+    architecture with experts (Q/K rows permuted), Qwen3-MoE as qwen3moe; experts stacked in
+    (E, rows, cols) tensors (or one tensor per expert, older files). llama.cpp renormalizes
+    the top-k weights of both, so the Qwen3-MoE config here has norm_topk_prob."""
+    import jax.numpy as jnp
+    cfg = config(kind)
+    if kind == "qwen3_moe":
+        cfg.norm_topk_prob = True
+    c = cfg.to_dict()
+    t = tensors(kind, c, seed=3)
+    path = str(tmp_path / f"{kind}.gguf")
+    write_gguf(path, {"mixtral": "llama", "qwen3_moe": "qwen3moe"}[kind], c, t,
+               model_type=kind, per_expert=per_expert)
+    src = loaders.open_checkpoint(path)
+    assert src.kind == "gguf" and src.spec.model_type == kind and src.family.name == "moe"
+    tokens = np.random.default_rng(4).integers(0, c["vocab_size"], 20)
+    got = np.asarray(loaders.load_model(src, jnp.float32)(jnp.asarray(tokens)[None]))[0]
+    want, _ = reference(kind, c, t, tokens)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 

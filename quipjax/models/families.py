@@ -1,7 +1,7 @@
 """The families quipjax runs, and how a checkpoint finds its family.
 
     fam = family_for_model_type(cfg["model_type"])     # HF config.json
-    fam = family_for_gguf(arch)                         # GGUF general.architecture
+    fam, layout = family_for_gguf(arch, field)          # GGUF general.architecture + header
     fam = family_of(spec)                               # any spec of a family
     spec = spec_from_dict(meta["model"])                # a quipjax checkpoint's spec
 
@@ -9,7 +9,7 @@
 |---|---|---|---|
 | llama | llama, mistral, qwen2, qwen3, phi3 | llama, qwen2, qwen3, phi3 | qkv, o, up/gate, down |
 | gemma3 | gemma3_text | gemma3 | qkv, o, up/gate, down |
-| moe | mixtral, qwen3_moe | (none yet: llama.cpp stores experts fused) | qkv, o, per expert up/gate, down |
+| moe | mixtral, qwen3_moe | llama with experts, qwen3moe | qkv, o, per expert up/gate, down |
 """
 from __future__ import annotations
 
@@ -71,8 +71,12 @@ _GGUF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
 _GGUF_PHI3 = dict(_GGUF_BLOCK, attn_qkv="self_attn.qkv_proj", ffn_up="mlp.gate_up_proj")
 
 
-def _gguf(arch, block, fixup=lambda spec, name, w: w):
-    return GGUFLayout(archs=(arch,), block=block, fixup=fixup,
+def _dense(field):
+    return not field("llama.expert_count", 0)
+
+
+def _gguf(arch, block, fixup=lambda spec, name, w: w, when=lambda field: True):
+    return GGUFLayout(archs=(arch,), block=block, fixup=fixup, when=when,
                       spec=lambda field, shapes: llama.spec_from_gguf(field, arch, shapes))
 
 
@@ -80,7 +84,7 @@ LLAMA_FAMILY = Family(
     name="llama", model_types=llama.MODEL_TYPES, spec_from_hf=llama.LlamaSpec.from_hf,
     spec_from_dict=llama.LlamaSpec.from_dict, model=llama.Llama, block=llama.Block,
     rules=_llama_rules,
-    gguf=(_gguf("llama", _GGUF_BLOCK, _llama_gguf_fixup), _gguf("qwen2", _GGUF_BLOCK),
+    gguf=(_gguf("llama", _GGUF_BLOCK, _llama_gguf_fixup, _dense), _gguf("qwen2", _GGUF_BLOCK),
           _gguf("qwen3", _GGUF_BLOCK), _gguf("phi3", _GGUF_PHI3)))
 
 def _moe_rules(spec) -> tuple:
@@ -94,10 +98,24 @@ def _moe_rules(spec) -> tuple:
                               _r(e + dn, r"e\1_down", pool="experts_down"))
 
 
+def _moe_gguf(model_type, fixup=lambda spec, name, w: w):
+    attr, g, u, dn = moe.STYLES[model_type]
+    arch = moe.GGUF_ARCHS[model_type]
+    block = dict(_GGUF_BLOCK, ffn_gate_inp=f"{attr}.gate")
+    experts = {"ffn_gate_exps": f"{attr}.experts.{{e}}.{g}",
+               "ffn_up_exps": f"{attr}.experts.{{e}}.{u}",
+               "ffn_down_exps": f"{attr}.experts.{{e}}.{dn}"}
+    return GGUFLayout(archs=(arch,), block=block, fixup=fixup, experts=experts,
+                      when=lambda field: bool(field(f"{arch}.expert_count", 0)),
+                      spec=lambda field, shapes: moe.spec_from_gguf(field, model_type, shapes))
+
+
 MOE_FAMILY = Family(
     name="moe", model_types=moe.MODEL_TYPES, spec_from_hf=moe.MoESpec.from_hf,
     spec_from_dict=moe.MoESpec.from_dict, model=moe.MoEModel, block=moe.Block,
-    rules=_moe_rules)
+    rules=_moe_rules,
+    # llama.cpp converts Mixtral as its llama architecture: the same Q/K permutation
+    gguf=(_moe_gguf("mixtral", _llama_gguf_fixup), _moe_gguf("qwen3_moe")))
 
 def _gemma3_gguf_spec(field, shapes):
     return gemma3.spec_from_gguf(field, ["output.weight"] if "lm_head.weight" in shapes else [])
@@ -124,11 +142,12 @@ def family_for_model_type(model_type: str) -> Family:
     raise ValueError(f"model_type {model_type!r} is not supported; quipjax runs {known}")
 
 
-def family_for_gguf(arch: str) -> tuple:
-    """(family, GGUFLayout) of a GGUF general.architecture."""
+def family_for_gguf(arch: str, field=lambda key, default=None: default) -> tuple:
+    """(family, GGUFLayout) of a GGUF general.architecture; field(key, default): the file's
+    header (architectures several families share, "llama" with experts or without)."""
     for f in FAMILIES:
         for g in f.gguf or ():
-            if arch in g.archs:
+            if arch in g.archs and g.when(field):
                 return f, g
     known = sorted(a for f in FAMILIES for g in f.gguf or () for a in g.archs)
     raise ValueError(f"GGUF architecture {arch!r} is not supported; quipjax reads {known}")

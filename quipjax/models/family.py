@@ -32,16 +32,27 @@ def _no_scale(spec):
     return None
 
 
+def _always(field):
+    return True
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GGUFLayout:
     """How llama.cpp stores a family: the architectures (general.architecture), the spec
     from the header, block tensor names ("attn_q" -> "self_attn.q_proj") and a per-tensor
-    fix-up (spec, hf_name, array) -> array (llama.cpp's Q/K row permutation for llama)."""
+    fix-up (spec, hf_name, array) -> array (llama.cpp's Q/K row permutation for llama).
+
+    experts: llama.cpp's stacked expert tensors, (E, rows, cols), by block name
+    ("ffn_gate_exps" -> "block_sparse_moe.experts.{e}.w1"); expert e is slice e (files of
+    older converters store "ffn_gate.{e}" per expert: read likewise). when: field getter ->
+    whether this layout reads the file (Mixtral is llama.cpp's "llama" with experts)."""
 
     archs: Tuple[str, ...]
     spec: Callable[[Callable, dict], Any]       # (field getter, {hf name: shape}) -> spec
     block: dict
     fixup: Callable = _same
+    experts: dict = dataclasses.field(default_factory=dict)
+    when: Callable[[Callable], bool] = _always
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ from quipjax.models import parts
 from quipjax.models.parts import DecoderLM, Linear, RMSNorm
 
 __all__ = ["LlamaSpec", "Linear", "RMSNorm", "Attention", "MLP", "Block", "Llama",
-           "rope_frequencies", "init_random", "random_block", "MODEL_TYPES"]
+           "rope_frequencies", "init_random", "random_block", "MODEL_TYPES", "hashable_rope"]
 
 # HF model_type values this module runs
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -111,10 +111,17 @@ class LlamaSpec:
 
     @staticmethod
     def from_dict(d: dict) -> "LlamaSpec":
-        d = dict(d)
-        if d.get("rope_scaling"):
-            d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
-        return LlamaSpec(**d)
+        return LlamaSpec(**hashable_rope(d))
+
+
+def hashable_rope(d: dict) -> dict:
+    """A spec dict (`to_dict`, JSON) with its rope scaling as sorted (key, value) tuples (lists,
+    llama.cpp's frequency factors, as tuples): hashable, as the spec's field is."""
+    d = dict(d)
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                         for k, v in d["rope_scaling"].items()))
+    return d
 
 
 def rope_frequencies(spec: LlamaSpec) -> np.ndarray:
@@ -251,12 +258,18 @@ def spec_from_gguf(field, arch: str, shapes: dict) -> LlamaSpec:
     hd = field(f"{arch}.attention.key_length", d // heads)
     rot = field(f"{arch}.rope.dimension_count", hd)
     window = field(f"{arch}.attention.sliding_window", None) if arch == "phi3" else None
+    kind = field(f"{arch}.rope.scaling.type", "none")
+    if kind not in ("none", "linear"):
+        raise ValueError(f"GGUF {arch}.rope.scaling.type {kind!r} is not supported (none, "
+                         "linear; Llama 3.1 factors come as rope_freqs.weight)")
+    scaling = ((("factor", float(field(f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
+               if kind == "linear" else None)
     return LlamaSpec(
         vocab_size=int(emb[0]) if len(emb) > 1 else len(field("tokenizer.ggml.tokens")),
         hidden_size=d, intermediate_size=field(f"{arch}.feed_forward_length"),
         num_layers=field(f"{arch}.block_count"), num_heads=heads,
         num_kv_heads=field(f"{arch}.attention.head_count_kv", heads), head_dim=hd,
-        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
         rms_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="lm_head.weight" not in shapes,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in shapes,

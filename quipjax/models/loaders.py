@@ -9,6 +9,7 @@ large model never has to sit whole in memory: build one block at a time with `lo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import importlib.util
@@ -19,6 +20,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from quipjax.models import llama
 from quipjax.models.adapter import ModelAdapter, set_param
 from quipjax.models.assemble import assemble_model
 from quipjax.models.families import adapter_of, family_for_gguf, family_for_model_type, family_of
@@ -250,12 +252,19 @@ class GGUFFile(CheckpointSource):
             raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
         arch = self.field("general.architecture")
         try:
-            _, self._layout = family_for_gguf(arch)
+            _, self._layout = family_for_gguf(arch, self.field)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        self._tensors = {self._hf_name(t.name): t for t in self._r.tensors}
-        shapes = {k: tuple(int(s) for s in t.shape[::-1]) for k, t in self._tensors.items()}
+        # HF name -> (GGUF tensor, expert index into a stacked (E, rows, cols) tensor or None)
+        self._tensors = {}
+        for t in self._r.tensors:
+            self._tensors.update({n: (t, e) for n, e in self._hf_names(t)})
+        shapes = {k: tuple(int(s) for s in t.shape[::-1])[0 if e is None else 1:]
+                  for k, (t, e) in self._tensors.items()}
         self.spec = self._layout.spec(self.field, shapes)
+        if "rope_freqs.weight" in shapes:
+            self.spec = _with_rope_factors(self.spec, self.tensor("rope_freqs.weight"), path)
+        self._stacked = (None, None)         # the last stacked tensor read: experts come in turn
 
     def field(self, key, default=KeyError):
         """A metadata field of the GGUF header (strings decoded, arrays as lists); `default`
@@ -275,24 +284,44 @@ class GGUFFile(CheckpointSource):
         v = vals[0]
         return v.tolist()[0] if hasattr(v, "tolist") else v
 
-    def _hf_name(self, name):
+    def _hf_names(self, t):
+        """[(HF name, expert index or None)] of GGUF tensor t (a stacked expert tensor names
+        one HF tensor per expert)."""
+        name = t.name
         if name in _GGUF_GLOBAL:
-            return _GGUF_GLOBAL[name]
+            return [(_GGUF_GLOBAL[name], None)]
         parts = name.split(".")
-        if parts[0] == "blk" and parts[2] in self._layout.block:
-            return f"model.layers.{parts[1]}.{self._layout.block[parts[2]]}.{parts[-1]}"
-        return name
+        lay = self._layout
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in lay.experts:
+            pre = f"model.layers.{parts[1]}."
+            return [(pre + lay.experts[parts[2]].format(e=e) + "." + parts[3], e)
+                    for e in range(int(t.shape[-1]))]
+        if (parts[0] == "blk" and len(parts) == 5 and parts[3].isdigit()
+                and parts[2] + "_exps" in lay.experts):         # older per-expert files
+            path = lay.experts[parts[2] + "_exps"].format(e=int(parts[3]))
+            return [(f"model.layers.{parts[1]}.{path}.{parts[4]}", None)]
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in lay.block:
+            return [(f"model.layers.{parts[1]}.{lay.block[parts[2]]}.{parts[3]}", None)]
+        return [(name, None)]
 
     def names(self):
         return list(self._tensors)
 
-    def tensor(self, name):
+    def _dequantized(self, t):
         from gguf.quants import dequantize
+        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+        return w.reshape(tuple(int(s) for s in t.shape[::-1]))
+
+    def tensor(self, name):
         if name not in self._tensors:
             raise KeyError(f"{name} is not in the GGUF {self.path}")
-        t = self._tensors[name]
-        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
-        w = w.reshape(tuple(int(s) for s in t.shape[::-1]))
+        t, e = self._tensors[name]
+        if e is None:
+            w = self._dequantized(t)
+        else:
+            if self._stacked[0] != t.name:
+                self._stacked = (t.name, self._dequantized(t))
+            w = self._stacked[1][e]
         return self._layout.fixup(self.spec, name, w)
 
     @functools.cached_property
@@ -326,6 +355,19 @@ class GGUFFile(CheckpointSource):
                          lambda ids: tok.decode(ids, skip_special_tokens=False),
                          {"kind": "gguf", "path": os.path.abspath(self.path)},
                          self.spec.bos_token_id, self.spec.eos_token_id)
+
+
+def _with_rope_factors(spec, factors, path):
+    # llama.cpp stores Llama 3.1-style rope scaling as per-frequency divisors of the
+    # frequencies (rope_freqs.weight), not as config fields
+    if not isinstance(spec, llama.LlamaSpec) or spec.rope_scaling:
+        raise ValueError(f"{path}: rope_freqs.weight with this architecture's rope settings "
+                         "is not supported; use the model's Hugging Face folder")
+    factors = tuple(float(f) for f in np.asarray(factors, np.float64).ravel())
+    spec = dataclasses.replace(spec, rope_scaling=(("factors", factors),
+                                                   ("rope_type", "freq_factors")))
+    llama.rope_frequencies(spec)    # a length that does not match the rotary dims fails here
+    return spec
 
 
 def gemma3_270m_path() -> str:

@@ -28,7 +28,8 @@ from flax import nnx
 from quipjax.models import llama
 from quipjax.models.parts import DecoderLM, Linear
 
-__all__ = ["MoESpec", "Expert", "SparseMoE", "Block", "MoEModel", "MODEL_TYPES", "STYLES"]
+__all__ = ["MoESpec", "Expert", "SparseMoE", "Block", "MoEModel", "MODEL_TYPES", "STYLES",
+           "spec_from_gguf", "GGUF_ARCHS"]
 
 MODEL_TYPES = ("mixtral", "qwen3_moe")
 # module names of each style: (moe attribute, gate, up, down)
@@ -36,6 +37,8 @@ STYLES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
           "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 # the Llama-family model_type whose attention each MoE family shares
 _ATTENTION_OF = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
+# llama.cpp's general.architecture of each (Mixtral is its "llama" with experts)
+GGUF_ARCHS = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +80,7 @@ class MoESpec(llama.LlamaSpec):
 
     @staticmethod
     def from_dict(d: dict) -> "MoESpec":
-        d = dict(d)
-        if d.get("rope_scaling"):
-            d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
-        return MoESpec(**d)
+        return MoESpec(**llama.hashable_rope(d))
 
     @property
     def style(self) -> tuple:
@@ -144,3 +144,25 @@ class MoEModel(DecoderLM):
 
     def __init__(self, spec: MoESpec, dtype=jnp.float32):
         super().__init__(spec, dtype, Block)
+
+
+def spec_from_gguf(field, model_type: str, shapes: dict) -> MoESpec:
+    """A MoESpec from a llama.cpp GGUF header (`llama.spec_from_gguf` for the attention, then
+    {arch}.expert_count / expert_used_count / expert_feed_forward_length). llama.cpp always
+    renormalizes the top-k weights of both (`{arch}.expert_weights_norm` = false, where
+    present, turns it off), so a GGUF is read as llama.cpp runs it."""
+    arch = GGUF_ARCHS[model_type]
+    ff = field(f"{arch}.expert_feed_forward_length", None) or field(f"{arch}.feed_forward_length")
+
+    def with_defaults(key, default=KeyError):
+        # Qwen3-MoE files may omit the dense feed_forward_length: the experts' stands in
+        return field(key, ff if key == f"{arch}.feed_forward_length" else default)
+
+    base = llama.spec_from_gguf(with_defaults, arch, shapes)
+    E, k = field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count")
+    if not 0 < k <= E:
+        raise ValueError(f"GGUF {arch}.expert_used_count {k} must be in 1..{E} (expert_count)")
+    return MoESpec(**dict(dataclasses.asdict(base), rope_scaling=base.rope_scaling,
+                          model_type=model_type), num_experts=int(E), top_k=int(k),
+                   expert_intermediate_size=int(ff),
+                   norm_topk_prob=bool(field(f"{arch}.expert_weights_norm", True)))

@@ -63,7 +63,8 @@ class RMSNorm(nnx.Module):
 
 def rope_frequencies(theta: float, dim: int, scaling: Optional[dict] = None) -> np.ndarray:
     """Inverse frequencies (dim // 2,) float64 of RoPE over `dim` rotated dimensions, with
-    the config's rope scaling (None/default, linear, llama3)."""
+    the config's rope scaling (None/default, linear, llama3, freq_factors: llama.cpp's
+    per-frequency divisors)."""
     inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     sc = dict(scaling or ())
     kind = sc.get("rope_type", sc.get("type"))
@@ -71,6 +72,12 @@ def rope_frequencies(theta: float, dim: int, scaling: Optional[dict] = None) -> 
         return inv
     if kind == "linear":
         return inv / sc["factor"]
+    if kind == "freq_factors":      # llama.cpp's rope_freqs: one divisor per frequency
+        factors = np.asarray(sc["factors"], np.float64)
+        if factors.shape != inv.shape:
+            raise ValueError(f"{factors.size} rope frequency factors for {inv.size} "
+                             f"frequencies ({dim} rotated dimensions)")
+        return inv / factors
     if kind == "llama3":
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
         old = sc["original_max_position_embeddings"]
@@ -79,7 +86,8 @@ def rope_frequencies(theta: float, dim: int, scaling: Optional[dict] = None) -> 
         scaled = np.where(wavelen > old / lo, inv / factor, inv)
         mid = (wavelen <= old / lo) & (wavelen >= old / hi)
         return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3, "
+                     "freq_factors)")
 
 
 def apply_rope(x, inv_freq, positions):

@@ -166,8 +166,12 @@ class BlockTuner(LayerHook):
                               lambda e: train_b(e, index), valid_b, tc)
         if self.log:
             c0, cb = curve[0]["valid"], min(c["valid"] for c in curve)
-            self.log(f"layer {i} after {self.adapter.groups[index].name}: "
-                     f"block MSE {c0:.4g} -> {cb:.4g} ({len(curve) - 1} epochs)")
+            msg = (f"layer {i} after {self.adapter.groups[index].name}: "
+                   f"block MSE {c0:.4g} -> {cb:.4g} ({len(curve) - 1} epochs)")
+            if len(curve) > 1 and not any(c["best"] for c in curve[1:]):
+                msg += (": no epoch lowered it, the untuned values are kept (too high a "
+                        "learning rate? --ft_lr / --ft_susv_lr)")
+            self.log(msg)
         return curve
 
     def end(self, i, groups):
@@ -229,6 +233,9 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
             log(f"e2e epoch {c['epoch']}: {tr}valid KL {c['valid']:.4f} ({c['seconds']:.0f} s)")
     curve = training.tune(model, training.distill_kl, train, valid, tc, trainable=trainable,
                           progress=prog)
+    if log and len(curve) > 1 and not any(c["best"] for c in curve[1:]):
+        log("e2e: no epoch lowered the validation KL, the untuned values are kept (too high a "
+            "learning rate? --e2e_lr / --e2e_susv_lr)")
 
     tuned_layers = []
     for i, block in enumerate(model.layers):
