@@ -1,0 +1,278 @@
+"""QTIP's bitshift trellis codes: decode by arithmetic and an exact Viterbi search, in JAX.
+
+A trellis quantizes a sequence of T weights (T = 256: one 16 x 16 tile of the rotated
+weight) as a bitstream of T * K bits. The state is a window of L bits of the stream; each
+step shifts K * V new bits into the bottom of the state and emits V weights, the decoded
+value of the state. Consecutive states s, s' therefore satisfy
+
+    s' >> KV == s & (2^(L - KV) - 1)          (KV = K * V)
+
+and the stream is tail-biting: its first L - KV bits are also the low bits of the last state,
+so the T / V states of a tile cost exactly T * K bits.
+
+Codes (the value of an L-bit state s; QTIP, Tseng et al. 2024, constants from its
+repository; shared/reference/QTIP.md):
+
+    1MAD   V = 1: x = s * 34038481 + 76625530 (mod 2^32); value = (sum of x's 4 bytes - 510)
+           / 147.800537109375 (unit variance: the sum of 4 uniform bytes)
+    3INST  V = 1: x = s * 89226354 + 64248484 (mod 2^32); r = (x & 0x8FFF8FFF) ^ 996162400;
+           value = f16(r >> 16) + f16(r & 0xFFFF) (each half read as IEEE float16 bits)
+    HYB    V = 2: h = (s + 1) * s (mod 2^32); value = table[(h >> (15 - Q)) & (2^Q - 1)] with
+           its first component negated when bit 15 of h is set; table (2^Q, 2) float32 (`hyb_table`:
+           k-means of 2-D Gaussians, deterministic for a seed; tunable like su / sv)
+    LUT    any V: value = table[s], a (2^L, V) table (a reference code for tests)
+
+Search: `viterbi` finds the minimum squared-error state sequence exactly (over every
+sequence, or over those whose first and last states agree with a given overlap);
+`quantize_tail_biting` is QTIP's two-pass tail-biting search (quantize a copy rolled by half
+a sequence, read the overlap at the seam, then quantize the sequence with the overlap fixed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Trellis", "decode_1mad", "decode_3inst", "decode_hyb", "hyb_table", "viterbi",
+           "quantize_tail_biting", "pack_states", "unpack_states", "CODES", "HYB_STD"]
+
+CODES = ("1MAD", "3INST", "HYB", "LUT")
+# the std QTIP rescales its HYB table to (sqrt(15 / 16))
+HYB_STD = 0.9682458365518543
+
+
+def _u32(s):
+    return jnp.asarray(s).astype(jnp.uint32)
+
+
+def decode_1mad(s: jax.Array) -> jax.Array:
+    """States (...) int -> values (...) float32 of the 1MAD code."""
+    x = _u32(s) * jnp.uint32(34038481) + jnp.uint32(76625530)
+    byte_sum = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + (x >> 24)
+    return (byte_sum.astype(jnp.int32) - 510).astype(jnp.float32) / jnp.float32(147.800537109375)
+
+
+def _f16_bits(b):
+    return jax.lax.bitcast_convert_type(b.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def decode_3inst(s: jax.Array) -> jax.Array:
+    """States (...) int -> values (...) float32 of the 3INST code (the sum of two float16
+    halves is exact in float32, as the fp16 add of the kernels is for these magnitudes)."""
+    x = _u32(s) * jnp.uint32(89226354) + jnp.uint32(64248484)
+    mask16 = (1 << 15) + (1 << 12) - 1
+    r = (x & jnp.uint32((mask16 << 16) + mask16)) ^ jnp.uint32(996162400)
+    return _f16_bits(r >> 16) + _f16_bits(r & 0xFFFF)
+
+
+def decode_hyb(s: jax.Array, table: jax.Array, Q: int) -> jax.Array:
+    """States (...) int -> values (..., 2) float32 of the HYB code with `table` (2^Q, 2)."""
+    h = _u32(s) * (_u32(s) + jnp.uint32(1))
+    v = jnp.take(jnp.asarray(table, jnp.float32), ((h >> (15 - Q)) & ((1 << Q) - 1)).astype(jnp.int32), axis=0)
+    flip = jnp.where((h >> 15) & 1, -1.0, 1.0).astype(jnp.float32)
+    return v * jnp.stack([flip, jnp.ones_like(flip)], -1)
+
+
+@functools.lru_cache(maxsize=None)
+def hyb_table(Q: int = 9, seed: int = 0, samples: int = 1 << 16, iters: int = 30) -> np.ndarray:
+    """The HYB table (2^Q, 2) float32: Lloyd's k-means of `samples` 2-D unit Gaussians
+    (numpy Generator(seed)), started from 2^Q of the samples, `iters` iterations, rescaled to
+    std HYB_STD as QTIP does. Deterministic: same arguments, same table."""
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((samples, 2)).astype(np.float32)
+    centers = jnp.asarray(data[rng.choice(samples, 1 << Q, replace=False)])
+    x = jnp.asarray(data)
+
+    @jax.jit
+    def lloyd(c, _):
+        d = jnp.sum(x * x, 1)[:, None] - 2 * x @ c.T + jnp.sum(c * c, 1)[None]
+        a = jnp.argmin(d, 1)
+        sums = jax.ops.segment_sum(x, a, num_segments=c.shape[0])
+        counts = jax.ops.segment_sum(jnp.ones(x.shape[0]), a, num_segments=c.shape[0])
+        # an empty cluster keeps its center (cannot happen often with 512 of 2^18 points)
+        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], c), None
+
+    centers, _ = jax.lax.scan(lloyd, centers, None, length=iters)
+    c = np.asarray(centers, np.float64)
+    return (c / c.std() * HYB_STD).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trellis:
+    """A bitshift trellis code.
+
+    code: "1MAD", "3INST" (V = 1), "HYB" (V = 2) or "LUT" (reference; `table` (2^L, V)).
+    L: state bits. K: bits per weight. V: weights per step. Q: HYB table bits.
+    T: weights per trellis (a 16 x 16 tile: 256). table: the HYB / LUT table as a tuple of
+    rows (hashable, so a Trellis is a jit-static value); None: `hyb_table(Q)` for HYB.
+    """
+
+    code: str = "1MAD"
+    L: int = 16
+    K: int = 2
+    V: int = 1
+    Q: int = 9
+    T: int = 256
+    table: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.code not in CODES:
+            raise ValueError(f"trellis code {self.code!r} is not one of {CODES}")
+        if self.code in ("1MAD", "3INST") and self.V != 1:
+            raise ValueError(f"{self.code} emits one weight per step: V must be 1, not {self.V}")
+        if self.code == "HYB" and self.V != 2:
+            raise ValueError(f"HYB emits two weights per step: V must be 2, not {self.V}")
+        if not 0 < self.K * self.V < self.L:
+            raise ValueError(f"K * V = {self.K * self.V} bits per step must be in 1..L-1 "
+                             f"(L = {self.L})")
+        if self.T % self.V or (self.T * self.K) % 16:
+            raise ValueError(f"T = {self.T} weights must be a multiple of V = {self.V} and "
+                             f"T * K a multiple of 16 (whole uint16 words)")
+        if self.code == "LUT" and self.table is None:
+            raise ValueError("the LUT code needs a table of 2^L rows of V values")
+
+    @property
+    def KV(self) -> int:
+        return self.K * self.V
+
+    @property
+    def steps(self) -> int:
+        return self.T // self.V
+
+    def lut(self) -> np.ndarray:
+        """The HYB / LUT table as a float32 array ((2^Q, 2) or (2^L, V))."""
+        if self.table is not None:
+            return np.asarray(self.table, np.float32)
+        return hyb_table(self.Q)
+
+    def decode_states(self, s: jax.Array, table=None) -> jax.Array:
+        """States (...) int -> values (..., V) float32. table: overrides `lut()` (a traced,
+        tunable HYB table)."""
+        if self.code == "1MAD":
+            return decode_1mad(s)[..., None]
+        if self.code == "3INST":
+            return decode_3inst(s)[..., None]
+        tab = self.lut() if table is None else table
+        if self.code == "HYB":
+            return decode_hyb(s, tab, self.Q)
+        return jnp.take(jnp.asarray(tab, jnp.float32), jnp.asarray(s, jnp.int32), axis=0)
+
+    def state_values(self) -> jax.Array:
+        """The values of every state, (2^L, V) float32."""
+        return self.decode_states(jnp.arange(1 << self.L, dtype=jnp.int32))
+
+
+def _viterbi_core(x, values, L: int, KV: int, overlap):
+    """x (S, B, V) float32, values (2^L, V) -> states (S, B) int32 (see `viterbi`)."""
+    S, B, _ = x.shape
+    n_low, n_new = 1 << (L - KV), 1 << KV
+    states = jnp.arange(1 << L, dtype=jnp.int32)
+
+    # |v - x|^2 less |x|^2, which is the same for every state of a step: one multiply-add
+    vsq = jnp.sum(jnp.square(values), -1)
+
+    def err(xt):                                        # (B, V) -> (B, 2^L)
+        return vsq[None] - 2.0 * jnp.einsum("bv,sv->bs", xt, values)
+
+    cost = err(x[0])
+    if overlap is not None:                             # first state's high bits = overlap
+        cost = jnp.where((states[None] >> KV) == overlap[:, None], cost, jnp.inf)
+
+    def step(cost, xt):
+        # a state p = j * n_low + u precedes the states u * n_new + b: the best predecessor
+        # depends only on u, the low L - KV bits of p
+        c = cost.reshape(B, n_new, n_low)
+        best, arg = jnp.min(c, 1), jnp.argmin(c, 1).astype(jnp.uint8 if KV <= 8 else jnp.int32)
+        new = err(xt).reshape(B, n_low, n_new) + best[:, :, None]
+        return new.reshape(B, 1 << L), arg
+
+    cost, args = jax.lax.scan(step, cost, x[1:])
+    if overlap is not None:                             # last state's low bits = overlap
+        cost = jnp.where((states[None] & (n_low - 1)) == overlap[:, None], cost, jnp.inf)
+    last = jnp.argmin(cost, 1).astype(jnp.int32)
+
+    def back(s, arg):
+        u = s >> KV
+        prev = jnp.take_along_axis(arg, u[:, None], 1)[:, 0].astype(jnp.int32) * n_low + u
+        return prev, prev
+
+    _, prevs = jax.lax.scan(back, last, args, reverse=True)
+    return jnp.concatenate([prevs, last[None]], 0)
+
+
+@functools.partial(jax.jit, static_argnames=("tr", "chunk"))
+def viterbi(x: jax.Array, tr: Trellis, overlap: Optional[jax.Array] = None,
+            table: Optional[jax.Array] = None, chunk: int = 64) -> jax.Array:
+    """The minimum squared-error state sequences of trellis `tr` for sequences x.
+
+    x (B, T') float32 with T' a multiple of tr.V (any length; a tile has tr.T); overlap:
+    None (any first state) or (B,) int: the first state's high L - KV bits and the last
+    state's low L - KV bits must both equal it (tail-biting). table: a traced HYB / LUT table.
+    Returns states (B, T' / V) int32. Exact: ties go to the lowest state index. Memory: a
+    chunk of sequences at a time, 2^L costs and T' / V x 2^(L - KV) back-pointer bytes each.
+    """
+    B, Tn = x.shape
+    V = tr.V
+    values = (tr.state_values() if table is None
+              else tr.decode_states(jnp.arange(1 << tr.L, dtype=jnp.int32), table))
+    xs = jnp.asarray(x, jnp.float32).reshape(B, Tn // V, V)
+    pad = -B % chunk
+    xs = jnp.pad(xs, ((0, pad), (0, 0), (0, 0)))
+    ov = None if overlap is None else jnp.pad(jnp.asarray(overlap, jnp.int32), (0, pad))
+    nb = xs.shape[0] // chunk
+
+    def one(args):
+        xc, oc = args
+        return _viterbi_core(jnp.swapaxes(xc, 0, 1), values, tr.L, tr.KV, oc).T
+
+    xs = xs.reshape(nb, chunk, Tn // V, V)
+    if ov is None:
+        out = jax.lax.map(lambda xc: one((xc, None)), xs)
+    else:
+        out = jax.lax.map(one, (xs, ov.reshape(nb, chunk)))
+    return out.reshape(nb * chunk, Tn // V)[:B]
+
+
+def quantize_tail_biting(x: jax.Array, tr: Trellis, table=None, chunk: int = 64
+                         ) -> Tuple[jax.Array, jax.Array]:
+    """QTIP's tail-biting search: x (B, T) float32 -> (states (B, T / V) int32, xhat (B, T)
+    float32). The first pass quantizes x rolled by half a sequence; the state at the seam
+    gives the overlap bits the second, constrained pass must start and end with."""
+    B, Tn = x.shape
+    half = Tn // (2 * tr.V)
+    rolled = jnp.roll(x, half * tr.V, axis=1)
+    s1 = viterbi(rolled, tr, None, table, chunk)
+    overlap = s1[:, half] >> tr.KV
+    s = viterbi(x, tr, overlap, table, chunk)
+    xhat = tr.decode_states(s, table).reshape(B, Tn)
+    return s, xhat
+
+
+def pack_states(states: jax.Array, tr: Trellis) -> jax.Array:
+    """Tail-biting states (B, S) int32 -> the bitstreams (B, S * KV / 16) uint16: the first
+    state's L bits then each later state's KV new bits, most significant bit first, the last
+    L - KV bits (a repeat of the first state's high bits) dropped."""
+    B, S = states.shape
+    s = jnp.asarray(states, jnp.int32)
+    first = (s[:, :1] >> jnp.arange(tr.L - 1, -1, -1)) & 1                 # (B, L)
+    new = (s[:, 1:, None] >> jnp.arange(tr.KV - 1, -1, -1)) & 1             # (B, S-1, KV)
+    bits = jnp.concatenate([first, new.reshape(B, -1)], 1)[:, :S * tr.KV]
+    words = bits.reshape(B, -1, 16) << jnp.arange(15, -1, -1)
+    return jnp.sum(words, -1).astype(jnp.uint16)
+
+
+def unpack_states(packed: jax.Array, tr: Trellis) -> jax.Array:
+    """The inverse of `pack_states`: (B, S * KV / 16) uint16 -> states (B, S) int32."""
+    B, W = packed.shape
+    S = W * 16 // tr.KV
+    bits = (jnp.asarray(packed, jnp.int32)[:, :, None] >> jnp.arange(15, -1, -1)) & 1
+    bits = bits.reshape(B, W * 16)
+    bits = jnp.concatenate([bits, bits[:, :tr.L - tr.KV]], 1)              # wrap the tail
+    # state i is the L bits starting at bit i * KV
+    idx = jnp.arange(S)[:, None] * tr.KV + jnp.arange(tr.L)[None]          # (S, L)
+    weights = 1 << jnp.arange(tr.L - 1, -1, -1)
+    return jnp.sum(bits[:, idx] * weights, -1).astype(jnp.int32)

@@ -1,0 +1,149 @@
+"""QTIP's bitshift trellis codes (`quipjax.codebooks.trellis`): the code values against plain
+Python integer arithmetic, the Viterbi search against brute force over every bitstream (path
+for path where the table has no ties, cost for cost where it has), tail-biting and packing."""
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quipjax.codebooks import trellis as t
+
+
+def py_1mad(s):
+    x = (s * 34038481 + 76625530) % 2 ** 32
+    return (sum((x >> (8 * i)) & 255 for i in range(4)) - 510) / 147.800537109375
+
+
+def py_3inst(s):
+    x = (s * 89226354 + 64248484) % 2 ** 32
+    m16 = (1 << 15) + (1 << 12) - 1
+    r = (x & ((m16 << 16) + m16)) ^ 996162400
+    halves = np.array([r >> 16, r & 0xFFFF], np.uint16).view(np.float16).astype(np.float64)
+    return float(halves.sum())
+
+
+def py_hyb(s, table, Q):
+    h = (s * (s + 1)) % 2 ** 32
+    v = table[(h >> (15 - Q)) & ((1 << Q) - 1)].astype(np.float64).copy()
+    if (h >> 15) & 1:
+        v[0] = -v[0]
+    return v
+
+
+def test_code_values_match_integer_arithmetic():
+    states = np.concatenate([np.arange(40), np.random.default_rng(0).integers(0, 2 ** 16, 200),
+                             [2 ** 16 - 1]])
+    got = np.asarray(t.decode_1mad(jnp.asarray(states)))
+    np.testing.assert_allclose(got, [py_1mad(int(s)) for s in states], rtol=0, atol=1e-6)
+    got = np.asarray(t.decode_3inst(jnp.asarray(states)))
+    np.testing.assert_array_equal(got, np.float32([py_3inst(int(s)) for s in states]))
+    table = t.hyb_table(9)
+    got = np.asarray(t.decode_hyb(jnp.asarray(states), table, 9))
+    np.testing.assert_array_equal(got, np.float32([py_hyb(int(s), table, 9) for s in states]))
+    # the codes are near-Gaussian over all 2^16 states (1MAD unit variance by construction)
+    v = np.asarray(t.decode_1mad(jnp.arange(2 ** 16)))
+    assert abs(v.mean()) < 0.01 and abs(v.std() - 1) < 0.01
+
+
+def test_hyb_table_is_deterministic():
+    a, b = t.hyb_table(5, seed=3, samples=4096, iters=5), t.hyb_table(5, seed=3, samples=4096, iters=5)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (32, 2) and abs(a.std() - t.HYB_STD) < 1e-5
+    assert not np.array_equal(a, t.hyb_table(5, seed=4, samples=4096, iters=5))
+
+
+def brute_force(x, tr, values, overlap=None):
+    """(best cost, best states) over every bitstream: the first state's L bits and each
+    step's KV new bits, by plain enumeration; with overlap, only the streams whose first
+    state's high bits and last state's low bits both equal it."""
+    S = len(x) // tr.V
+    xv = x.reshape(S, tr.V)
+    best = (np.inf, None)
+    low = (1 << (tr.L - tr.KV)) - 1
+    for first in range(1 << tr.L):
+        if overlap is not None and first >> tr.KV != overlap:
+            continue
+        for new in itertools.product(range(1 << tr.KV), repeat=S - 1):
+            s = [first]
+            for b in new:
+                s.append(((s[-1] << tr.KV) | b) & ((1 << tr.L) - 1))
+            if overlap is not None and s[-1] & low != overlap:
+                continue
+            cost = float(np.sum((values[s] - xv) ** 2))
+            if cost < best[0]:
+                best = (cost, s)
+    return best
+
+
+def cost_of(x, tr, values, states):
+    return float(np.sum((values[np.asarray(states)] - x.reshape(-1, tr.V)) ** 2))
+
+
+@pytest.mark.parametrize("L,K,V,T", [(6, 1, 1, 8), (6, 1, 2, 8), (5, 2, 1, 6)])
+def test_viterbi_equals_brute_force_path_for_path(L, K, V, T):
+    """A random table (no ties): the Viterbi path is the brute-force path, free and with
+    every overlap value."""
+    rng = np.random.default_rng(L * 100 + K * 10 + V)
+    table = rng.standard_normal((1 << L, V)).astype(np.float32)
+    tr = t.Trellis("LUT", L=L, K=K, V=V, T=16 * V, table=tuple(map(tuple, table)))
+    values = table.astype(np.float64)
+    x = rng.standard_normal((3, T)).astype(np.float32)
+    got = np.asarray(t.viterbi(jnp.asarray(x), tr))
+    for b in range(3):
+        want_cost, want = brute_force(x[b], tr, values)
+        assert list(got[b]) == want
+        np.testing.assert_allclose(cost_of(x[b], tr, values, got[b]), want_cost, rtol=1e-5)
+    n_ov = 1 << (L - K * V)
+    ov = np.arange(n_ov) % n_ov
+    xs = np.repeat(x[:1], n_ov, 0)
+    got = np.asarray(t.viterbi(jnp.asarray(xs), tr, jnp.asarray(ov)))
+    for o in range(n_ov):
+        _, want = brute_force(xs[o], tr, values, overlap=o)
+        assert list(got[o]) == want, o
+
+
+@pytest.mark.parametrize("code", ["1MAD", "3INST"])
+def test_viterbi_cost_equals_brute_force_for_the_codes(code):
+    """The compute-based codes at a small L (ties are frequent: 1MAD takes few distinct
+    values): the Viterbi cost is the brute-force minimum."""
+    tr = t.Trellis(code, L=6, K=2, V=1, T=8)
+    values = np.asarray(tr.state_values(), np.float64)
+    x = np.random.default_rng(7).standard_normal((4, 6)).astype(np.float32)
+    got = np.asarray(t.viterbi(jnp.asarray(x), tr))
+    for b in range(4):
+        want_cost, _ = brute_force(x[b], tr, values)
+        np.testing.assert_allclose(cost_of(x[b], tr, values, got[b]), want_cost, rtol=1e-5)
+
+
+@pytest.mark.parametrize("code,V,K", [("1MAD", 1, 2), ("3INST", 1, 3), ("HYB", 2, 2), ("HYB", 2, 4)])
+def test_tail_biting_pack_round_trip(code, V, K):
+    """Tail-biting states wrap (the first state's high bits are the last state's low bits),
+    pack to T * K bits, unpack to the same states, and decode to the returned xhat."""
+    tr = t.Trellis(code, L=16, K=K, V=V)
+    x = np.random.default_rng(1).standard_normal((5, tr.T)).astype(np.float32)
+    s, xhat = t.quantize_tail_biting(jnp.asarray(x), tr)
+    s = np.asarray(s)
+    assert s.shape == (5, tr.T // V)
+    low = (1 << (tr.L - tr.KV)) - 1
+    np.testing.assert_array_equal(s[:, 0] >> tr.KV, s[:, -1] & low)
+    np.testing.assert_array_equal(s[:, 1:] >> tr.KV, s[:, :-1] & low)      # a trellis path
+    packed = t.pack_states(jnp.asarray(s), tr)
+    assert packed.dtype == jnp.uint16 and packed.shape == (5, tr.T * K // 16)
+    np.testing.assert_array_equal(np.asarray(t.unpack_states(packed, tr)), s)
+    np.testing.assert_array_equal(np.asarray(tr.decode_states(jnp.asarray(s))).reshape(5, -1),
+                                  np.asarray(xhat))
+    mse = float(np.mean((x - np.asarray(xhat)) ** 2))
+    # below the best scalar quantizer of each rate (Lloyd-Max: 0.1175, 0.0345, 0.0095)
+    assert mse < {2: 0.075, 3: 0.025, 4: 0.0095}[K], mse
+
+
+def test_bad_trellis_settings_are_refused():
+    with pytest.raises(ValueError, match="V must be 1"):
+        t.Trellis("1MAD", V=2)
+    with pytest.raises(ValueError, match="V must be 2"):
+        t.Trellis("HYB", V=1)
+    with pytest.raises(ValueError, match="K \\* V"):
+        t.Trellis("1MAD", L=4, K=4)
+    with pytest.raises(ValueError, match="needs a table"):
+        t.Trellis("LUT")
