@@ -1,17 +1,18 @@
 """Block LDL decomposition and BlockLDLQ rounding (QuIP#'s adaptive rounding).
 
-With H = L D L^T, L unit block-lower-triangular (8 x 8 blocks), BlockLDLQ rounds the column
-blocks of W (m, n) from the LAST to the FIRST:
+With H = L D L^T, L unit block-lower-triangular (b x b blocks: the codebook's `block`, 8 for
+the E8P codebooks, 16 for the trellis tiles), BlockLDLQ rounds the column blocks of W (m, n)
+from the LAST to the FIRST:
 
     What_k = Q(W_k + (W_{>k} - What_{>k}) L_{>k,k})
 
 (GPTQ with the column order reversed). Optional tune passes are block coordinate descent on the
 proxy loss: What_k <- Q(What_k + (W - What) H[:, k] H[k, k]^-1), also last block first.
 
-Implementation: transposed layout (columns of W leading, so a block is an (8, m) slab that the
-codebooks search without a transpose), `lax.scan` over buffers of `buf_cols` columns and an
-inner scan over the 8-column blocks of a buffer. The error feedback from finished buffers is
-one (buf_cols x n) @ (n x m) matmul per buffer; inside a buffer it is (8 x buf_cols) @
+Implementation: transposed layout (columns of W leading, so a block is a (b, m) slab that the
+codebook rounds with `quantize_block`), `lax.scan` over buffers of `buf_cols` columns and an
+inner scan over the b-column blocks of a buffer. The error feedback from finished buffers is
+one (buf_cols x n) @ (n x m) matmul per buffer; inside a buffer it is (b x buf_cols) @
 (buf_cols x m) per block. n is padded at the front to a multiple of `buf_cols` with
 decoupled (identity) columns, which are rounded last and dropped, so every buffer has the
 same shape. Everything is jit/vmap friendly; no Python loop over blocks or rows.
@@ -64,17 +65,6 @@ def proxy_loss(W: jax.Array, What: jax.Array, H: jax.Array) -> jax.Array:
     return num / den
 
 
-def _quantize_block(cb, x):
-    """Round an (8, m) slab. Returns (codes (m, 8 // dim) + code_shape, xhat (8, m))."""
-    d, m = cb.dim, x.shape[1]
-    xt = x.reshape(BLOCK // d, d, m).transpose(1, 0, 2).reshape(d, -1)
-    codes, xh = cb.quantize_t(xt)
-    codes = codes.reshape((BLOCK // d, m) + cb.code_shape)
-    codes = jnp.moveaxis(codes, 0, 1)
-    xh = xh.reshape(d, BLOCK // d, m).transpose(1, 0, 2).reshape(BLOCK, m)
-    return codes, xh
-
-
 def _pad_front(A, p, fill_identity):
     """Prepend p decoupled rows/columns to a square matrix (identity block) or rows to a slab."""
     if p == 0:
@@ -114,6 +104,7 @@ def _feedback(Lp, err, s, bs):
 def _ldlq_pass(cb, Wt, Lp, bs):
     """One BlockLDLQ pass in transposed, padded layout. Wt (N, m), Lp (N, N)."""
     N, m = Wt.shape
+    bk = cb.block
 
     def outer(err, b):
         s = b * bs
@@ -122,27 +113,28 @@ def _ldlq_pass(cb, Wt, Lp, bs):
         lbb = jax.lax.dynamic_slice(Lp, (s, s), (bs, bs))
 
         def inner(eb, kk):
-            r = kk * BLOCK
-            lk = jax.lax.dynamic_slice(lbb, (0, r), (bs, BLOCK))
-            x = jax.lax.dynamic_slice(acc, (r, 0), (BLOCK, m)) + jnp.dot(lk.T, eb, precision=_HI)
-            codes, xh = _quantize_block(cb, x)
+            r = kk * bk
+            lk = jax.lax.dynamic_slice(lbb, (0, r), (bs, bk))
+            x = jax.lax.dynamic_slice(acc, (r, 0), (bk, m)) + jnp.dot(lk.T, eb, precision=_HI)
+            codes, xh = cb.quantize_block(x)
             eb = jax.lax.dynamic_update_slice(
-                eb, jax.lax.dynamic_slice(wb, (r, 0), (BLOCK, m)) - xh, (r, 0))
+                eb, jax.lax.dynamic_slice(wb, (r, 0), (bk, m)) - xh, (r, 0))
             return eb, (codes, xh)
 
         eb, (codes, xh) = jax.lax.scan(inner, jnp.zeros((bs, m), Wt.dtype),
-                                       jnp.arange(bs // BLOCK), reverse=True)
+                                       jnp.arange(bs // bk), reverse=True)
         return jax.lax.dynamic_update_slice(err, eb, (s, 0)), (codes, xh)
 
     _, (codes, xh) = jax.lax.scan(outer, jnp.zeros_like(Wt), jnp.arange(N // bs), reverse=True)
-    return codes.reshape((N // BLOCK,) + codes.shape[2:]), xh.reshape(N, m)
+    return codes.reshape((N // bk,) + codes.shape[2:]), xh.reshape(N, m)
 
 
 def _tune_pass(cb, Wt, Hp, What_t, bs):
     """One block coordinate descent pass on the proxy loss, last block first."""
     N, m = Wt.shape
-    nb = N // BLOCK
-    Hb = Hp.reshape(nb, BLOCK, nb, BLOCK)
+    bk = cb.block
+    nb = N // bk
+    Hb = Hp.reshape(nb, bk, nb, bk)
     hinv = jnp.linalg.inv(Hb[jnp.arange(nb), :, jnp.arange(nb), :])    # (nb, 8, 8)
 
     def outer(carry, b):
@@ -156,19 +148,19 @@ def _tune_pass(cb, Wt, Hp, What_t, bs):
 
         def inner(c, kk):
             g, wh_b, er_b = c
-            r = kk * BLOCK
-            old = jax.lax.dynamic_slice(wh_b, (r, 0), (BLOCK, m))
-            hk = jax.lax.dynamic_index_in_dim(hinv, s // BLOCK + kk, keepdims=False)
-            x = old + jnp.dot(hk, jax.lax.dynamic_slice(g, (r, 0), (BLOCK, m)), precision=_HI)
-            codes, new = _quantize_block(cb, x)
+            r = kk * bk
+            old = jax.lax.dynamic_slice(wh_b, (r, 0), (bk, m))
+            hk = jax.lax.dynamic_index_in_dim(hinv, s // bk + kk, keepdims=False)
+            x = old + jnp.dot(hk, jax.lax.dynamic_slice(g, (r, 0), (bk, m)), precision=_HI)
+            codes, new = cb.quantize_block(x)
             delta = old - new                                          # change of W - What
-            g = g + jnp.dot(jax.lax.dynamic_slice(hbb, (0, r), (bs, BLOCK)), delta, precision=_HI)
+            g = g + jnp.dot(jax.lax.dynamic_slice(hbb, (0, r), (bs, bk)), delta, precision=_HI)
             wh_b = jax.lax.dynamic_update_slice(wh_b, new, (r, 0))
             er_b = jax.lax.dynamic_update_slice(
-                er_b, jax.lax.dynamic_slice(er_b, (r, 0), (BLOCK, m)) + delta, (r, 0))
+                er_b, jax.lax.dynamic_slice(er_b, (r, 0), (bk, m)) + delta, (r, 0))
             return (g, wh_b, er_b), codes
 
-        (_, wh_b, er_b), codes = jax.lax.scan(inner, (g, wh_b, er_b), jnp.arange(bs // BLOCK),
+        (_, wh_b, er_b), codes = jax.lax.scan(inner, (g, wh_b, er_b), jnp.arange(bs // bk),
                                               reverse=True)
         err = jax.lax.dynamic_update_slice(err, er_b, (s, 0))
         what = jax.lax.dynamic_update_slice(what, wh_b, (s, 0))
@@ -194,11 +186,9 @@ def _block_ldlq(W, L, H, codebook, tune_iters, buf_cols):
         Hp = _pad_front(H.astype(work), p, True)
         for _ in range(tune_iters):
             codes, what_t = _tune_pass(cb, Wt, Hp, what_t, bs)
-    # codes: (N / 8, m, 8 / dim) + code_shape -> (m, n / dim) + code_shape
-    codes = codes[p // BLOCK:]
-    codes = jnp.moveaxis(codes, 1, 0)
-    codes = codes.reshape((m, n // cb.dim) + cb.code_shape)
-    return codes, what_t[p:].T
+    # codes: one entry per block, (N / block, ...) -> the codebook's layout of an (m, n) weight
+    codes = jnp.moveaxis(codes[p // cb.block:], 1, 0)
+    return codes.reshape(cb.codes_shape(m, n)), what_t[p:].T
 
 
 def block_ldlq(W: jax.Array, L: jax.Array, codebook="E8P12", tune_iters: int = 0, *,
@@ -220,12 +210,15 @@ def block_ldlq(W: jax.Array, L: jax.Array, codebook="E8P12", tune_iters: int = 0
     cb = _codebooks.get(codebook)
     W = jnp.asarray(W)
     m, n = W.shape
-    if n % BLOCK:
-        raise ValueError(f"block_ldlq: the input dimension {n} is not a multiple of {BLOCK}")
+    b = cb.block
+    if n % b:
+        raise ValueError(f"block_ldlq: the input dimension {n} is not a multiple of {b} (the "
+                         f"column block of {cb.name})")
     if L.shape != (n, n):
         raise ValueError(f"block_ldlq: L has shape {L.shape}, expected {(n, n)} for W of shape {W.shape}")
-    if buf_cols % BLOCK or buf_cols <= 0:
-        raise ValueError(f"buf_cols must be a positive multiple of {BLOCK}, got {buf_cols}")
+    if buf_cols % b or buf_cols <= 0:
+        raise ValueError(f"buf_cols must be a positive multiple of {b} ({cb.name}'s block), "
+                         f"got {buf_cols}")
     if tune_iters and H is None:
         raise ValueError("block_ldlq: tune_iters > 0 needs the Hessian: pass H=")
     if H is None:

@@ -84,7 +84,7 @@ class QuantizedLinear:
     def decode_rotated(self) -> jax.Array:
         """The decoded codes Q (m, n) float32, in the rotated basis, without the scale."""
         m, n = self.shape
-        return codebooks.get(self.codebook).decode(self.codes).reshape(m, n)
+        return codebooks.get(self.codebook).decode_matrix(self.codes, m, n)
 
     def dequantize(self) -> jax.Array:
         """What (m, n) float32 in the original basis."""
@@ -164,11 +164,11 @@ def check_inputs(W, H, codebook) -> None:
     if H.shape != (n, n):
         raise ValueError(f"H has shape {H.shape} but W has shape {W.shape}: H must be (in, in) "
                          f"= ({n}, {n}), the Hessian of this layer's inputs")
-    if n % ldlq.BLOCK:
-        raise ValueError(f"the input dimension of W ({n}) is not divisible by {ldlq.BLOCK}: "
-                         "BlockLDLQ rounds blocks of 8 columns; pad the layer's inputs")
-    if n % cb.dim:
-        raise ValueError(f"the input dimension {n} is not divisible by {cb.name}'s dim {cb.dim}")
+    if n % cb.block:
+        raise ValueError(f"the input dimension of W ({n}) is not divisible by {cb.block}: "
+                         f"BlockLDLQ rounds {cb.name} in blocks of {cb.block} columns; pad the "
+                         "layer's inputs")
+    cb.check_shape(m, n)
     if _known(W):
         bad_w = int(_w_stats(concrete(W)))
         if bad_w:
@@ -273,20 +273,21 @@ def rotate_and_scale(W, H, key, sigma_reg, rho, rotations) -> Rotated:
     return _rotate_and_scale_seq(rotations)(W, H, key, sigma_reg, rho)
 
 
-def factor_float64(H, SU, sigma_reg, rot_n):
-    """The official float64 retry: regularize, rotate and factor H in float64.
+def factor_float64(H, SU, sigma_reg, rot_n, block: int = ldlq.BLOCK):
+    """The official float64 retry: regularize, rotate and factor H in float64 (blocks of
+    `block` columns, the codebook's).
 
     Returns L (n, n) float32, or None when H + sigma_reg I is not positive definite in float64.
     """
     with jax.enable_x64(True):
         h = hessian.regularize_any(jnp.asarray(np.asarray(H), jnp.float64), sigma_reg)
         hr = rht.transform_hessian(h, jnp.asarray(np.asarray(SU), jnp.float64), rot_n)
-        L, _ = ldlq.block_ldl(hr)
+        L, _ = ldlq.block_ldl(hr, block)
         L = np.asarray(L)
     return jnp.asarray(L, jnp.float32) if np.isfinite(L).all() else None
 
 
-_block_ldl = jax.jit(ldlq.block_ldl)
+_block_ldl = jax.jit(ldlq.block_ldl, static_argnums=1)
 
 
 def _not_positive_definite(sigma_reg) -> ValueError:
@@ -296,9 +297,9 @@ def _not_positive_definite(sigma_reg) -> ValueError:
         f"increase sigma_reg (e.g. to {max(10 * sigma_reg, 1e-1):g})")
 
 
-def factor(Hr, *, H, SU, sigma_reg: float, rot_n) -> jax.Array:
-    """L (n, n) float32 of the block LDL of the rotated Hessian Hr (n, n) float32
-    (`ldlq.block_ldl`); when the float32 Cholesky fails, the float64 retry from the
+def factor(Hr, *, H, SU, sigma_reg: float, rot_n, block: int = ldlq.BLOCK) -> jax.Array:
+    """L (n, n) float32 of the block LDL of the rotated Hessian Hr (n, n) float32 in blocks
+    of `block` columns (the codebook's `block`; `ldlq.block_ldl`); when the float32 Cholesky fails, the float64 retry from the
     un-rotated H (n, n) and the signs SU (n,) (`factor_float64`). Raises a ValueError when
     H + sigma_reg I is not positive definite.
 
@@ -306,12 +307,12 @@ def factor(Hr, *, H, SU, sigma_reg: float, rot_n) -> jax.Array:
     unavailable (it needs concrete arrays and x64): the float32 L is returned as is, and a
     factorization that failed gives a non-finite L (NaN) instead of an error. Check it with
     `jnp.all(jnp.isfinite(L))`; `quantize_linear` turns it into a NaN SV (see there)."""
-    L, _ = _block_ldl(Hr)
+    L, _ = _block_ldl(Hr, block)
     if not _known(L, H, SU, sigma_reg):
         return L
     if not bool(jnp.all(jnp.isfinite(concrete(L)))):
         sigma_reg = concrete(sigma_reg)
-        L = factor_float64(concrete(H), concrete(SU), sigma_reg, rot_n)
+        L = factor_float64(concrete(H), concrete(SU), sigma_reg, rot_n, block)
         if L is None:
             raise _not_positive_definite(sigma_reg)
     return L
@@ -394,7 +395,8 @@ def quantize_linear(W, H, *, codebook="E8P12", scale: float | None = None,
         codes = rounding(r, cb)
     else:
         L = (jnp.eye(W.shape[1], dtype=jnp.float32) if rounding == "nearest" else
-             factor(r.H, H=H, SU=r.SU, sigma_reg=sigma_reg, rot_n=rotations[1]))
+             factor(r.H, H=H, SU=r.SU, sigma_reg=sigma_reg, rot_n=rotations[1],
+                    block=cb.block))
         codes = round_ldlq(r.W, L, cb, tune_iters=tune_iters, Hr=r.H, buf_cols=buf_cols)
     ql = assemble(codes, r, cb, rotations)
     if _known(L, ql.SV):
@@ -497,7 +499,7 @@ def lifted_stages(lift: Lift, rotations, cb, tune_iters: int, buf_cols: int) -> 
         return rotate_and_scale(W, H, jax.random.wrap_key_data(kd), sigma, rho, rotations)
 
     def ldl(Hr):
-        return ldlq.block_ldl(Hr)[0]
+        return ldlq.block_ldl(Hr, cb.block)[0]
 
     def finite(L):
         return jnp.all(jnp.isfinite(L))
@@ -561,7 +563,8 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
             L = st["ldl"](r.H)
             for j in np.nonzero(~np.asarray(st["finite"](L)))[0]:     # the float64 retry
                 Lf = factor_float64(jnp.asarray(Hs[idx[j]], jnp.float32),
-                                    jnp.asarray(np.asarray(r.SU)[j]), sigma_reg, rotations[1])
+                                    jnp.asarray(np.asarray(r.SU)[j]), sigma_reg, rotations[1],
+                                    cb.block)
                 if Lf is None:
                     raise _not_positive_definite(sigma_reg)
                 L = lift.put(np.asarray(L.at[j].set(Lf)))

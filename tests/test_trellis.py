@@ -3,6 +3,7 @@ Python integer arithmetic, the Viterbi search against brute force over every bit
 for path where the table has no ties, cost for cost where it has), tail-biting and packing."""
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,3 +148,53 @@ def test_bad_trellis_settings_are_refused():
         t.Trellis("1MAD", L=4, K=4)
     with pytest.raises(ValueError, match="needs a table"):
         t.Trellis("LUT")
+
+
+def plain_block_ldlq(W, L, tr):
+    """BlockLDLQ written plainly for 16 x 16 tiles: blocks of 16 columns from the last, each
+    W_k + (W_>k - What_>k) L_>k,k rounded tile by tile (rows 16 i..16 i + 15, row-major)."""
+    m, n = W.shape
+    What = np.zeros_like(W)
+    codes = np.zeros((m // 16, n // 16, tr.T * tr.K // 16), np.uint16)
+    for k in reversed(range(n // 16)):
+        c = slice(16 * k, 16 * k + 16)
+        x = W[:, c] + (W[:, 16 * k + 16:] - What[:, 16 * k + 16:]) @ L[16 * k + 16:, c]
+        for i in range(m // 16):
+            tile = x[16 * i:16 * i + 16].reshape(1, 256)
+            s, xh = t.quantize_tail_biting(jnp.asarray(tile), tr)
+            What[16 * i:16 * i + 16, c] = np.asarray(xh).reshape(16, 16)
+            codes[i, k] = np.asarray(t.pack_states(s, tr))[0]
+    return codes, What
+
+
+def test_block_ldlq_with_trellis_tiles_equals_a_plain_loop():
+    """The registered trellis codebook through the one BlockLDLQ (16-column blocks, block LDL
+    in 16 x 16 blocks) gives the codes of a plain per-tile loop, and its codes decode to the
+    same matrix; quantize_linear's QuantizedLinear applies as its dequantized weight."""
+    from quipjax import codebooks, ldlq
+    from quipjax.quantize import quantize_linear
+    cb = codebooks.get("1MAD2")
+    assert cb.block == 16 and cb.search == "tail-biting" and cb.bits_per_weight == 2
+    rng = np.random.default_rng(0)
+    m, n = 32, 48
+    W = rng.standard_normal((m, n)).astype(np.float32)
+    X = rng.standard_normal((256, n)) @ (np.eye(n) + 0.3 * rng.standard_normal((n, n)))
+    H = (X.T @ X / 256 + 1e-2 * np.eye(n)).astype(np.float32)
+    L, _ = ldlq.block_ldl(jnp.asarray(H), 16)
+    codes, What = ldlq.block_ldlq(jnp.asarray(W), L, cb)
+    want_codes, want_What = plain_block_ldlq(W, np.asarray(L), cb.trellis)
+    assert codes.shape == (2, 3, 32) and codes.dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(codes), want_codes)
+    np.testing.assert_allclose(np.asarray(What), want_What, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cb.decode_matrix(codes, m, n)), np.asarray(What))
+    ql = quantize_linear(W, H, codebook="1MAD2", key=jax.random.key(0))
+    x = jnp.asarray(rng.standard_normal((3, n)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(ql.apply(x)), np.asarray(x @ ql.dequantize().T),
+                               atol=1e-4)
+    # the public coordinates-first search on whole tiles
+    tiles = rng.standard_normal((4, 256)).astype(np.float32)
+    c, xt = cb.quantize_t(jnp.asarray(tiles.T))
+    assert c.shape == (4, 32) and xt.shape == (256, 4)
+    np.testing.assert_array_equal(np.asarray(cb.decode(c)), np.asarray(xt).T)
+    with pytest.raises(ValueError, match="multiple of 16 in both"):
+        quantize_linear(W[:24], H, codebook="1MAD2", key=jax.random.key(0))

@@ -7,6 +7,7 @@
 | E8P12RVQ4B  | 4       | 8   | uint16 (..., 2): E8P, E8P  | 1.03      | 1.03          | greedy |
 | E81B        | 1       | 8   | uint16 index 0..255        | 1.0       | 1.0           | exact  |
 | HI2/HI3/HI4 | 2/3/4   | 1   | uint8 grid index           | Gaussian-optimal          | exact  |
+| 1MAD2..4, 3INST2..4, HYB2..4 | 2/3/4 | 256 (a 16 x 16 tile) | uint16 (16 K,) bitstream | value std | value std | tail-biting |
 
 search (the `Codebook.search` attribute): "exact" = a nearest codeword of every vector;
 "greedy" = stage by stage, as the official code (`quipjax.codebooks.rvq`: on Gaussian data the
@@ -21,8 +22,10 @@ from quipjax.codebooks.base import Codebook
 from quipjax.codebooks.e8p import E8P12
 from quipjax.codebooks.rvq import E81B, RVQ, e8p12_rvq3b, e8p12_rvq4b
 from quipjax.codebooks.scalar import HalfIntegerGrid, hi2, hi3, hi4
+from quipjax.codebooks.trellis import TrellisCodebook, trellis_codebook
 
-__all__ = ["Codebook", "E8P12", "E81B", "RVQ", "HalfIntegerGrid", "get", "names"]
+__all__ = ["Codebook", "E8P12", "E81B", "RVQ", "HalfIntegerGrid", "TrellisCodebook", "get",
+           "names"]
 
 _REGISTRY = {
     "E8P12": E8P12,
@@ -32,6 +35,9 @@ _REGISTRY = {
     "HI2": hi2,
     "HI3": hi3,
     "HI4": hi4,
+    # QTIP's trellis codes, L = 16, one trellis per 16 x 16 tile (`codebooks.trellis`)
+    **{f"{c}{k}": (lambda c=c, k=k: trellis_codebook(c, k))
+       for c in ("1MAD", "3INST", "HYB") for k in (2, 3, 4)},
 }
 
 

@@ -6,7 +6,7 @@ argument, like an optax transformation is passed to a training loop. Subclasses 
 BlockLDLQ) and `decode`, and set `search`: "exact" when `quantize_t` returns a nearest
 codeword of every vector, "greedy" when it searches stage by stage (the residual codebooks:
 each stage's point is the nearest to what the earlier stages left, which need not make the
-sum the nearest codeword).
+sum the nearest codeword), "tail-biting" for the trellis codes (`quipjax.codebooks.trellis`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-SEARCHES = ("exact", "greedy")
+SEARCHES = ("exact", "greedy", "tail-biting")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,9 @@ class Codebook:
       code_shape: trailing shape of the codes of one vector (() or (stages,)).
       code_dtype: numpy dtype of the codes.
       search: what `quantize_t` (and so `quantize`, `__call__`, BlockLDLQ) finds: "exact" (a
-        nearest codeword of each vector) or "greedy" (stage by stage; `quipjax.codebooks.rvq`).
+        nearest codeword of each vector), "greedy" (stage by stage; `quipjax.codebooks.rvq`)
+        or "tail-biting" (a trellis path exact for the overlap a first pass chose;
+        `quipjax.codebooks.trellis`).
     """
 
     name: str
@@ -82,6 +84,41 @@ class Codebook:
         traced codes (inside jit / vmap): there an out-of-range code decodes to a clamped
         index (a valid but wrong codeword) or a wrong value, without an error."""
         check_codes(codes, self.num_codes, self.name)
+
+    # -- how a weight matrix is laid out (BlockLDLQ) --------------------------------------
+    # A vector codebook rounds each row of a block of `block` columns in vectors of `dim`;
+    # a codebook of 2-D tiles (the trellis codes) overrides these four.
+    @property
+    def block(self) -> int:
+        """Columns of one BlockLDLQ block (and of the block LDL of the Hessian)."""
+        return 8
+
+    def quantize_block(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """Round one block, columns leading: x (block, m) float -> (codes (m, block // dim) +
+        code_shape, xhat (block, m) in x's dtype)."""
+        b, d, m = self.block, self.dim, x.shape[1]
+        xt = x.reshape(b // d, d, m).transpose(1, 0, 2).reshape(d, -1)
+        codes, xh = self.quantize_t(xt)
+        codes = jnp.moveaxis(codes.reshape((b // d, m) + self.code_shape), 0, 1)
+        return codes, xh.reshape(d, b // d, m).transpose(1, 0, 2).reshape(b, m)
+
+    def codes_shape(self, m: int, n: int) -> tuple:
+        """Shape of the codes of an (m, n) weight: (m, n // dim) + code_shape."""
+        return (m, n // self.dim) + self.code_shape
+
+    def decode_matrix(self, codes: jax.Array, m: int, n: int) -> jax.Array:
+        """Codes of `codes_shape(m, n)` -> the (m, n) float32 matrix they stand for."""
+        return self.decode(codes).reshape(m, n)
+
+    def matrix_shape(self, codes_shape: tuple) -> tuple:
+        """(m, n) of a weight whose codes have shape `codes_shape` (inverse of codes_shape)."""
+        return (codes_shape[0], codes_shape[1] * self.dim)
+
+    def check_shape(self, m: int, n: int) -> None:
+        """A ValueError naming the fix unless an (m, n) weight can be coded."""
+        if n % self.dim:
+            raise ValueError(f"the input dimension {n} is not divisible by {self.name}'s dim "
+                             f"{self.dim}")
 
     # -- shared -------------------------------------------------------------------------
     def quantize_with_values(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:

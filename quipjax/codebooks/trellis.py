@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Trellis", "decode_1mad", "decode_3inst", "decode_hyb", "hyb_table", "viterbi",
+from quipjax.codebooks.base import Codebook
+
+__all__ = ["Trellis", "TrellisCodebook", "trellis_codebook", "TILE", "decode_1mad", "decode_3inst", "decode_hyb", "hyb_table", "viterbi",
            "quantize_tail_biting", "pack_states", "unpack_states", "CODES", "HYB_STD"]
 
 CODES = ("1MAD", "3INST", "HYB", "LUT")
@@ -82,6 +84,11 @@ def hyb_table(Q: int = 9, seed: int = 0, samples: int = 1 << 16, iters: int = 30
     """The HYB table (2^Q, 2) float32: Lloyd's k-means of `samples` 2-D unit Gaussians
     (numpy Generator(seed)), started from 2^Q of the samples, `iters` iterations, rescaled to
     std HYB_STD as QTIP does. Deterministic: same arguments, same table."""
+    with jax.ensure_compile_time_eval():        # a constant, also when first asked inside jit
+        return _kmeans_2d(Q, seed, samples, iters)
+
+
+def _kmeans_2d(Q, seed, samples, iters):
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((samples, 2)).astype(np.float32)
     centers = jnp.asarray(data[rng.choice(samples, 1 << Q, replace=False)])
@@ -217,6 +224,7 @@ def viterbi(x: jax.Array, tr: Trellis, overlap: Optional[jax.Array] = None,
     """
     B, Tn = x.shape
     V = tr.V
+    chunk = min(chunk, B)               # no padding beyond the sequences there are
     values = (tr.state_values() if table is None
               else tr.decode_states(jnp.arange(1 << tr.L, dtype=jnp.int32), table))
     xs = jnp.asarray(x, jnp.float32).reshape(B, Tn // V, V)
@@ -276,3 +284,84 @@ def unpack_states(packed: jax.Array, tr: Trellis) -> jax.Array:
     idx = jnp.arange(S)[:, None] * tr.KV + jnp.arange(tr.L)[None]          # (S, L)
     weights = 1 << jnp.arange(tr.L - 1, -1, -1)
     return jnp.sum(bits[:, idx] * weights, -1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------- as a codebook
+
+TILE = 16       # a trellis codes a TILE x TILE tile of the rotated weight (QTIP's T_x = T_y)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrellisCodebook(Codebook):
+    """A trellis code as a quipjax codebook: one tail-biting trellis per 16 x 16 tile.
+
+    As a vector codebook its vectors are whole tiles (dim 256, row-major within the tile) and
+    its codes the packed bitstream, code_shape (16 K,) uint16 words per tile (`pack_states`).
+    In a weight (m, n) the codes are (m / 16, n / 16, 16 K): tile (i, j) holds rows
+    16 i .. 16 i + 15, columns 16 j .. 16 j + 15; BlockLDLQ rounds blocks of 16 columns (the
+    block LDL of the Hessian in 16 x 16 blocks, as QTIP's LDLQ).
+
+    search "tail-biting": QTIP's two passes (`quantize_tail_biting`): the least-error path
+    among those whose first and last states share the overlap the first pass chose (exact
+    for that overlap, not over every overlap).
+    """
+
+    trellis: Trellis = None
+
+    @property
+    def block(self) -> int:
+        return TILE
+
+    def quantize_t(self, xt):
+        """xt (256, N) float -> (codes (N, 16 K) uint16, xhat (256, N) in xt's dtype)."""
+        states, xhat = quantize_tail_biting(jnp.asarray(xt, jnp.float32).T, self.trellis)
+        return pack_states(states, self.trellis), xhat.T.astype(xt.dtype)
+
+    def validate_codes(self, codes) -> None:
+        """Every uint16 word is a valid bitstream piece: only the trailing shape is checked."""
+        if np.shape(codes)[-1:] != self.code_shape:
+            raise ValueError(f"{self.name} codes end in {self.code_shape[0]} uint16 words per "
+                             f"tile, got shape {np.shape(codes)}")
+
+    def decode(self, codes):
+        """codes (..., 16 K) uint16 -> (..., 256) float32: each tile's weights, row-major."""
+        self.validate_codes(codes)
+        codes = jnp.asarray(codes)
+        lead = codes.shape[:-1]
+        states = unpack_states(codes.reshape(-1, codes.shape[-1]), self.trellis)
+        return self.trellis.decode_states(states).reshape(lead + (self.trellis.T,))
+
+    def quantize_block(self, x):
+        """x (16, m) -> (codes (m / 16, 16 K), xhat (16, m)): the 16-row tiles of a block."""
+        b, m = x.shape
+        tiles = x.T.reshape(m // TILE, TILE * b)                   # (tiles, 256), row-major
+        codes, xh = self.quantize_t(tiles.T)
+        return codes, xh.T.reshape(m, b).T
+
+    def codes_shape(self, m: int, n: int) -> tuple:
+        return (m // TILE, n // TILE) + self.code_shape
+
+    def decode_matrix(self, codes, m: int, n: int):
+        t = self.decode(codes).reshape(m // TILE, n // TILE, TILE, TILE)
+        return t.transpose(0, 2, 1, 3).reshape(m, n)
+
+    def matrix_shape(self, codes_shape: tuple) -> tuple:
+        return (codes_shape[0] * TILE, codes_shape[1] * TILE)
+
+    def check_shape(self, m: int, n: int) -> None:
+        if m % TILE or n % TILE:
+            raise ValueError(f"{self.name} codes 16 x 16 tiles: the weight's shape ({m}, {n}) "
+                             "must be a multiple of 16 in both dimensions")
+
+
+# std of the values over all 2^16 states (the input scale that matches them) for L = 16
+_VALUE_STD = {"1MAD": 1.0, "3INST": 1.2437, "HYB": 0.9695}
+
+
+def trellis_codebook(code: str, K: int, L: int = 16) -> TrellisCodebook:
+    """The registered trellis codebook `{code}{K}` ("HYB2", "1MAD3", ...)."""
+    tr = Trellis(code, L=L, K=K, V=2 if code == "HYB" else 1)
+    s = _VALUE_STD[code]
+    return TrellisCodebook(name=f"{code}{K}", dim=tr.T, bits_per_weight=float(K), opt_scale=s,
+                           default_scale=s, code_shape=(tr.T * K // 16,),
+                           code_dtype=np.uint16, search="tail-biting", trellis=tr)

@@ -83,25 +83,24 @@ def pick_backend(backend: str = "auto") -> str:
 def reference_decode_matmul(x: jax.Array, codes: jax.Array, codebook) -> jax.Array:
     """x (..., n) float -> x @ decode(codes)^T (..., m) float32 (decode everything, then matmul).
 
-    codes: (m, n // dim) + code_shape, as `QuantizedLinear.codes`.
+    codes: the codebook's `codes_shape(m, n)` ((m, n // dim) + code_shape for the vector
+    codebooks), as `QuantizedLinear.codes`.
     """
     cb = _codebooks.get(codebook)
-    m = codes.shape[0]
-    Q = cb.decode(codes).reshape(m, -1)
+    Q = cb.decode_matrix(codes, *cb.matrix_shape(codes.shape))
     return jnp.einsum("...n,mn->...m", jnp.asarray(x, jnp.float32), Q,
                       precision=jax.lax.Precision.HIGHEST)
 
 
 def _check(x, codes, cb):
-    n = codes.shape[1] * cb.dim
+    m, n = cb.matrix_shape(codes.shape)
     if x.shape[-1] != n:
         raise ValueError(f"decode_matmul: x has last dimension {x.shape[-1]}, codes of shape "
                          f"{codes.shape} ({cb.name}) describe n = {n}")
-    want = (codes.shape[0], codes.shape[1]) + tuple(cb.code_shape)
-    if tuple(codes.shape) != want:
-        raise ValueError(f"decode_matmul: {cb.name} codes must have shape (m, n/8)"
-                         f"{'+' + str(tuple(cb.code_shape)) if cb.code_shape else ''}, "
-                         f"got {codes.shape}")
+    want = cb.codes_shape(m, n)
+    if tuple(codes.shape) != tuple(want):
+        raise ValueError(f"decode_matmul: {cb.name} codes of an ({m}, {n}) weight have shape "
+                         f"{tuple(want)}, got {codes.shape}")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
@@ -229,7 +228,7 @@ def prepare(codes: jax.Array, codebook, backend: str = "auto") -> Prepared:
     """
     cb = _codebooks.get(codebook)
     be = _resolve(cb, backend)
-    m, n = codes.shape[0], codes.shape[1] * cb.dim
+    m, n = cb.matrix_shape(codes.shape)
     if be == "reference":
         arrays = {"codes": jnp.asarray(codes)}
     else:

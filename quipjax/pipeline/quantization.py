@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax import codebooks, ldlq
+from quipjax import codebooks
 
 from quipjax.distributed import Placement, ShardLift, one_device_mesh
 from quipjax.group import QuantizedGroup, fuse, group_key
@@ -167,7 +167,7 @@ def check_model(spec, codebook: str, adapter=None, kw: Optional[dict] = None) ->
     block = family_of(spec).abstract_block(spec)
     for g in adapter.groups:
         cb = kw[g.name]["codebook"] if kw else codebook
-        step = math.lcm(ldlq.BLOCK, codebooks.get(cb).dim)
+        step = math.lcm(codebooks.get(cb).block, codebooks.get(cb).dim)
         path = g.members[0]
         m, n = get_path(block, path + ".weight").shape
         if n % step:

@@ -25,6 +25,9 @@ __all__ = ["QuantSettings", "BlockTuneSettings", "E2ESettings", "CalibrationSett
 
 DTYPES = ("bfloat16", "float32")     # names of the compute dtypes flags accept
 EVAL_DATASETS = ("wiki", "c4")       # the protocol's evaluation sets
+# the codebooks the pipeline runs (the trellis ones work through `quantize_linear` only, so far)
+PIPELINE_CODEBOOKS = tuple(n for n in codebooks.names()
+                           if not isinstance(codebooks.get(n), codebooks.TrellisCodebook))
 
 
 def setting(default, help: str, *, flag: Optional[str] = None, enum=None):
@@ -39,7 +42,7 @@ class QuantSettings:
     """How every linear group is quantized (`quipjax.quantize.quantize_linear`'s settings)."""
 
     codebook: str = setting("E8P12", "Codebook: E8P12 (2 bits), E8P12RVQ3B (3), E8P12RVQ4B (4), "
-                            "HI2/HI3/HI4 (scalar ablation).", enum=tuple(codebooks.names()))
+                            "HI2/HI3/HI4 (scalar ablation).", enum=tuple(PIPELINE_CODEBOOKS))
     scale: Optional[float] = setting(None, "rho: rotated weights are divided by RMS/rho before "
                                      "rounding. Default: the codebook's (0.9 for E8P12, 0.98 / "
                                      "1.03 for 3 / 4 bits).")
@@ -55,9 +58,14 @@ class QuantSettings:
     def check(self) -> None:
         """Raise ValueError naming the flag of a setting quantization would refuse."""
         from quipjax.quantize import check_settings
+        if self.codebook in codebooks.names() and self.codebook not in PIPELINE_CODEBOOKS:
+            raise ValueError(f"--codebook={self.codebook}: the trellis codebooks run through "
+                             "quipjax.quantize_linear; the pipeline (checkpoints, kernels, "
+                             "fine-tuning) does not run them yet. Choose one of "
+                             f"{', '.join(PIPELINE_CODEBOOKS)}")
         if self.codebook not in codebooks.names():
             raise ValueError(f"--codebook={self.codebook} is unknown; choose one of "
-                             f"{', '.join(codebooks.names())}")
+                             f"{', '.join(PIPELINE_CODEBOOKS)}")
         try:
             check_settings(self.codebook, self.scale, self.sigma_reg, self.rounding)
         except ValueError as e:
