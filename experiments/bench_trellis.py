@@ -8,6 +8,10 @@ weight at each scale of --scales (multiples of the code's value std), beside the
 rate-distortion bound 2^(-2K) and E8P12's MSE at its best scale (1.03) on the same numbers.
 Search time: seconds per 256-weight tile (both passes), median of 3 timed calls on
 --speed_tiles tiles, compile apart.
+
+--proxy_codebooks: also the proxy loss of `quantize_linear` (RHT + BlockLDLQ) on a random
+--proxy_shape weight with a synthetic Hessian (correlated Gaussian inputs, seed 0), each
+codebook beside the others, with its wall time (compile included).
 """
 from __future__ import annotations
 
@@ -34,10 +38,34 @@ flags.DEFINE_list("scales", ["0.9", "1.0", "1.1"], "Input scales, as multiples o
                   "the code's values over all states.")
 flags.DEFINE_integer("speed_tiles", 64, "Tiles per timed search call.")
 flags.DEFINE_integer("chunk", 32, "Sequences per Viterbi batch.")
+flags.DEFINE_list("proxy_codebooks", [], "Codebooks for the proxy-loss comparison, e.g. "
+                  "E8P12,1MAD2,3INST2,HYB2 (empty: skip it).")
+flags.DEFINE_string("proxy_shape", "128x256", "m x n of the proxy-loss weight.")
+
+
+def proxy_table():
+    from quipjax.quantize import proxy, quantize_linear
+    m, n = map(int, FLAGS.proxy_shape.split("x"))
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((m, n)).astype(np.float32)
+    z = rng.standard_normal((2048, n)).astype(np.float32)
+    X = z @ (rng.standard_normal((n, n)) * 0.3 + np.eye(n)).astype(np.float32)
+    H = X.T @ X / len(X)
+    print(f"| codebook | bits | proxy loss ({m}x{n}, synthetic H) | seconds (compile included) |")
+    print("|---|---|---|---|")
+    for name in FLAGS.proxy_codebooks:
+        t0 = time.perf_counter()
+        ql = quantize_linear(W, H, codebook=name, key=jax.random.key(0))
+        p = float(proxy(W, ql, H, 1e-2))
+        cb = codebooks.get(name)
+        print(f"| {name} | {cb.bits_per_weight:g} | {p:.5f} | {time.perf_counter() - t0:.1f} |",
+              flush=True)
 
 
 def main(argv):
     del argv
+    if FLAGS.proxy_codebooks:
+        proxy_table()
     tiles = -(-FLAGS.samples // 256)
     x = np.asarray(jax.random.normal(jax.random.key(0), (tiles, 256)), np.float32)
     e8 = codebooks.get("E8P12")
