@@ -3,10 +3,16 @@
 A codebook is a frozen (hashable) dataclass, so it can be passed to `jax.jit` as a static
 argument, like an optax transformation is passed to a training loop. Subclasses implement
 `quantize_t` (coordinates-first "struct of arrays" layout, the fast path used inside
-BlockLDLQ) and `decode`, and set `search`: "exact" when `quantize_t` returns a nearest
-codeword of every vector, "greedy" when it searches stage by stage (the residual codebooks:
-each stage's point is the nearest to what the earlier stages left, which need not make the
-sum the nearest codeword).
+BlockLDLQ) and `decode`, and set `search` to one of `SEARCHES`:
+  "exact": `quantize_t` returns a nearest codeword of every vector;
+  "greedy": it searches stage by stage (the residual codebooks: each stage's point is the
+    nearest to what the earlier stages left, which need not make the sum the nearest
+    codeword);
+  "beam": a residual codebook with `beam` > 1 (`quipjax.codebooks.rvq.RVQ`): the `beam`
+    nearest stage-1 points of each vector, each followed by the exact stage-2 search of its
+    residual, the pair of least squared error kept. Never worse than "greedy" (greedy's pair
+    is one of the candidates), and a nearest codeword whenever a nearest codeword's stage-1
+    point is among the `beam` nearest stage-1 points.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-SEARCHES = ("exact", "greedy")
+SEARCHES = ("exact", "greedy", "beam")   # meanings: the module docstring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +42,8 @@ class Codebook:
       code_shape: trailing shape of the codes of one vector (() or (stages,)).
       code_dtype: numpy dtype of the codes.
       search: what `quantize_t` (and so `quantize`, `__call__`, BlockLDLQ) finds: "exact" (a
-        nearest codeword of each vector) or "greedy" (stage by stage; `quipjax.codebooks.rvq`).
+        nearest codeword of each vector), "greedy" (stage by stage; `quipjax.codebooks.rvq`)
+        or "beam" (an RVQ codebook's beam search; the module docstring).
     """
 
     name: str
@@ -52,7 +59,8 @@ class Codebook:
         if self.search not in SEARCHES:
             raise ValueError(f"codebook {self.name}: search={self.search!r} is not one of "
                              f"{SEARCHES}; set search='exact' if quantize_t returns a nearest "
-                             f"codeword of every vector, else search='greedy'")
+                             f"codeword of every vector, else search='greedy' (stage by stage) "
+                             f"or 'beam' (an RVQ beam search)")
 
     # -- to implement -------------------------------------------------------------------
     def quantize_t(self, xt: jax.Array) -> Tuple[jax.Array, jax.Array]:
