@@ -3,15 +3,18 @@
 | name        | bits/wt | dim | codes                      | opt_scale | default_scale | search |
 |-------------|---------|-----|----------------------------|-----------|---------------|--------|
 | E8P12       | 2       | 8   | uint16, official layout    | 1.03      | 0.9           | exact  |
-| E8P12RVQ3B  | 3       | 8   | uint16 (..., 2): E8P, E81B | 0.98      | 0.98          | greedy |
-| E8P12RVQ4B  | 4       | 8   | uint16 (..., 2): E8P, E8P  | 1.03      | 1.03          | greedy |
+| E8P12RVQ3B  | 3       | 8   | uint16 (..., 2): E8P, E81B | 0.98      | 0.98          | greedy (or beam) |
+| E8P12RVQ4B  | 4       | 8   | uint16 (..., 2): E8P, E8P  | 1.03      | 1.03          | greedy (or beam) |
 | E81B        | 1       | 8   | uint16 index 0..255        | 1.0       | 1.0           | exact  |
 | HI2/HI3/HI4 | 2/3/4   | 1   | uint8 grid index           | Gaussian-optimal          | exact  |
 | 1MAD2..4, 3INST2..4, HYB2..4 | 2/3/4 | 256 (a 16 x 16 tile) | uint16 (16 K,) bitstream | value std | value std | tail-biting |
 
 search (the `Codebook.search` attribute): "exact" = a nearest codeword of every vector;
 "greedy" = stage by stage, as the official code (`quipjax.codebooks.rvq`: on Gaussian data the
-4-bit search misses the nearest codeword for ~44% of vectors, the 3-bit for ~0.7%).
+4-bit search misses the nearest codeword for ~44% of vectors, the 3-bit for ~0.7%); "beam" =
+`get("E8P12RVQ4B", beam=B)` (or E8P12RVQ3B): the B nearest stage-1 points, each with the
+exact stage-2 search, the best pair kept (never worse than greedy; same codes layout, name and
+decode; BEAM_RESULTS.md measures B = 4, 16, 64). In the pipeline: `--rvq_beam=B`.
 
 Adding a codebook: write a `Codebook` subclass (setting `search`) and add one line to
 `_REGISTRY`.
@@ -46,11 +49,25 @@ def names() -> list:
     return list(_REGISTRY)
 
 
-def get(name) -> Codebook:
-    """The codebook registered under `name` (a `Codebook` instance is returned as is)."""
+def get(name, *, beam: int | None = None) -> Codebook:
+    """The codebook registered under `name` (a `Codebook` instance is returned as is).
+
+    beam: for the residual codebooks (`RVQ`: E8P12RVQ3B, E8P12RVQ4B), search with a beam of
+    this many stage-1 points (1: greedy, the registered default; 2..512: `search` = "beam");
+    None leaves the search as it is. A ValueError for any other codebook (their searches are
+    exact already).
+    """
     if isinstance(name, Codebook):
-        return name
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ValueError(f"unknown codebook {name!r}; available: {', '.join(_REGISTRY)}") from None
+        cb = name
+    else:
+        try:
+            cb = _REGISTRY[name]()
+        except KeyError:
+            raise ValueError(f"unknown codebook {name!r}; available: "
+                             f"{', '.join(_REGISTRY)}") from None
+    if beam is None:
+        return cb
+    if not isinstance(cb, RVQ):
+        raise ValueError(f"beam={beam}: only the residual codebooks (E8P12RVQ3B, E8P12RVQ4B) "
+                         f"have a beam search; {cb.name}'s search is {cb.search!r}")
+    return cb.with_beam(beam)

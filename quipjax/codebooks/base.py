@@ -3,10 +3,19 @@
 A codebook is a frozen (hashable) dataclass, so it can be passed to `jax.jit` as a static
 argument, like an optax transformation is passed to a training loop. Subclasses implement
 `quantize_t` (coordinates-first "struct of arrays" layout, the fast path used inside
-BlockLDLQ) and `decode`, and set `search`: "exact" when `quantize_t` returns a nearest
-codeword of every vector, "greedy" when it searches stage by stage (the residual codebooks:
-each stage's point is the nearest to what the earlier stages left, which need not make the
-sum the nearest codeword), "tail-biting" for the trellis codes (`quipjax.codebooks.trellis`).
+BlockLDLQ) and `decode`, and set `search` to one of `SEARCHES`:
+  "exact": `quantize_t` returns a nearest codeword of every vector;
+  "greedy": it searches stage by stage (the residual codebooks: each stage's point is the
+    nearest to what the earlier stages left, which need not make the sum the nearest
+    codeword);
+  "beam": a residual codebook with `beam` > 1 (`quipjax.codebooks.rvq.RVQ`): the `beam`
+    nearest stage-1 points of each vector, each followed by the exact stage-2 search of its
+    residual, the pair of least squared error kept. Never worse than "greedy" (greedy's pair
+    is one of the candidates), and a nearest codeword whenever a nearest codeword's stage-1
+    point is among the `beam` nearest stage-1 points.
+  "tail-biting": the trellis codes (`quipjax.codebooks.trellis`): QTIP's two-pass search,
+    a least-error trellis path among those that start and end on the
+    overlap a first pass chose (exact for that overlap, not over every overlap).
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-SEARCHES = ("exact", "greedy", "tail-biting")
+SEARCHES = ("exact", "greedy", "beam", "tail-biting")   # meanings: the module docstring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +46,9 @@ class Codebook:
       code_dtype: numpy dtype of the codes.
       search: what `quantize_t` (and so `quantize`, `__call__`, BlockLDLQ) finds: "exact" (a
         nearest codeword of each vector), "greedy" (stage by stage; `quipjax.codebooks.rvq`)
-        or "tail-biting" (a trellis path exact for the overlap a first pass chose;
-        `quipjax.codebooks.trellis`).
+        nearest codeword of each vector), "greedy" (stage by stage; `quipjax.codebooks.rvq`),
+        "beam" (an RVQ codebook's beam search) or "tail-biting" (the trellis codes); the
+        module docstring says what each finds.
     """
 
     name: str
@@ -54,7 +64,8 @@ class Codebook:
         if self.search not in SEARCHES:
             raise ValueError(f"codebook {self.name}: search={self.search!r} is not one of "
                              f"{SEARCHES}; set search='exact' if quantize_t returns a nearest "
-                             f"codeword of every vector, else search='greedy'")
+                             f"codeword of every vector, else search='greedy' (stage by stage) "
+                             f"or 'beam' (an RVQ beam search)")
 
     # -- to implement -------------------------------------------------------------------
     def quantize_t(self, xt: jax.Array) -> Tuple[jax.Array, jax.Array]:

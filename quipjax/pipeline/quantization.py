@@ -103,13 +103,15 @@ class BlockLayers(LayerHook):
 
 def group_settings(settings: QuantSettings, adapter: ModelAdapter, user_rules=()) -> dict:
     """{group name: `quantize_linear` keyword arguments}: the run's settings, replaced by
-    those of the user rule (`--rules`) that decides the group's first member, if any."""
+    those of the user rule (`--rules`) that decides the group's first member, if any; the
+    run's search (--rvq_beam) applies to a rule's codebook too."""
     out = {}
     for g in adapter.groups:
         kw = settings.quantize_kw()
         i = first_match(user_rules, g.members[0])
         if i is not None:
             kw.update(user_rules[i].settings())
+            kw["codebook"] = settings.searched(kw["codebook"])
         out[g.name] = kw
     return out
 
@@ -172,6 +174,7 @@ def check_model(spec, codebook: str, adapter=None, kw: Optional[dict] = None) ->
         m, n = get_path(block, path + ".weight").shape
         if n % step:
             raise ValueError(f"model.layers.0.{path} (and every layer's) has input dimension {n}, "
-                             f"not a multiple of {step}: {cb} codes need it (the rotations "
+                             f"not a multiple of {step}: {codebooks.get(cb).name} codes need "
+                             f"it (the rotations "
                              "take any dimension); pad the model's weights with zero columns "
                              "to the next multiple first")

@@ -159,7 +159,7 @@ def _identity(cfg: RunConfig, src: CheckpointSource, calib: dict) -> dict:
     """What a run's results depend on: a resumed run must agree on all of it. The source is
     identified by the contents of its weights, configuration and tokenizer (not by where it is
     or when its files were touched), the calibration text likewise (`CalibrationPlan.identity`)."""
-    ident = {"settings": dataclasses.asdict(cfg.settings), "finetune": cfg.finetune_meta(),
+    ident = {"settings": cfg.settings.identity(), "finetune": cfg.finetune_meta(),
              "devset_size": cfg.devset_size, "ctx_size": cfg.ctx_size, "calibration": calib,
              "source": {"kind": src.kind, "content": src.fingerprint()},
              "hessian_dtype": cfg.dtype, "hessian_shards": cfg.hessian_shards,
