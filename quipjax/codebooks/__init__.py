@@ -14,7 +14,7 @@ search (the `Codebook.search` attribute): "exact" = a nearest codeword of every 
 4-bit search misses the nearest codeword for ~44% of vectors, the 3-bit for ~0.7%); "beam" =
 `get("E8P12RVQ4B", beam=B)` (or E8P12RVQ3B): the B nearest stage-1 points, each with the
 exact stage-2 search, the best pair kept (never worse than greedy; same codes layout, name and
-decode; BEAM_RESULTS.md measures B = 4, 16, 64). In the pipeline: `--rvq_beam=B`.
+decode; BUILD_NOTES.md "Better 3/4-bit E8P search" measures B = 4, 16, 64). In the pipeline: `--rvq_beam=B`.
 
 Adding a codebook: write a `Codebook` subclass (setting `search`) and add one line to
 `_REGISTRY`.

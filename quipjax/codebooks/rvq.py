@@ -22,7 +22,7 @@ the B nearest E8P12 points of each vector (`e8p_nearest_k`), each followed by st
 search of its scaled residual; the pair of least squared error is kept. Candidate 0 is the
 greedy pair (the exact stage-1 search's point), so the result is never worse than greedy and
 B = 1 is greedy. Same codes and decode: only the search changes. Measured on 10^5 Gaussian
-vectors (BEAM_RESULTS.md, experiments/bench_rvq_search.py): MSE -7.6% (B = 4) and -8.5%
+vectors (BUILD_NOTES.md "Better 3/4-bit E8P search", experiments/bench_rvq_search.py): MSE -7.6% (B = 4) and -8.5%
 (B = 16, the same as B = 64) at 4 bits, -0.4% / -0.5% at 3 bits, for a search 25-55x (B = 4)
 and 50-100x (B = 16) slower than greedy on a 2-core CPU.
 

@@ -60,7 +60,7 @@ class QuantSettings:
                             "first-stage points, the best pair kept (never worse). Gaussian "
                             "MSE at 4 bits: -7.6% with B=4, -8.5% with B=16 (= B=64); at 3 "
                             "bits -0.4% / -0.5%; the search takes ~25-55x / ~50-100x greedy's "
-                            "time (BEAM_RESULTS.md). Same code format and decode. Other "
+                            "time (BUILD_NOTES.md). Same code format and decode. Other "
                             "codebooks' searches are exact and ignore it.")
     seed: int = setting(0, "Seed of the calibration sampling and the sign vectors.")
 
