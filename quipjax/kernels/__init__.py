@@ -99,8 +99,8 @@ def _check(x, codes, cb):
                          f"{codes.shape} ({cb.name}) describe n = {n}")
     want = cb.codes_shape(m, n)
     if tuple(codes.shape) != tuple(want):
-        raise ValueError(f"decode_matmul: {cb.name} codes of an ({m}, {n}) weight have shape "
-                         f"{tuple(want)}, got {codes.shape}")
+        raise ValueError(f"decode_matmul: {cb.name} codes must have shape {tuple(want)} for an "
+                         f"({m}, {n}) weight, got {codes.shape}")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
