@@ -168,9 +168,9 @@ class Trellis:
             return decode_hyb(s, tab, self.Q)
         return jnp.take(jnp.asarray(tab, jnp.float32), jnp.asarray(s, jnp.int32), axis=0)
 
-    def state_values(self) -> jax.Array:
-        """The values of every state, (2^L, V) float32."""
-        return self.decode_states(jnp.arange(1 << self.L, dtype=jnp.int32))
+    def state_values(self, table=None) -> jax.Array:
+        """The values of every state, (2^L, V) float32 (table: as `decode_states`)."""
+        return self.decode_states(jnp.arange(1 << self.L, dtype=jnp.int32), table)
 
 
 def _viterbi_core(x, values, L: int, KV: int, overlap):
@@ -225,8 +225,7 @@ def viterbi(x: jax.Array, tr: Trellis, overlap: Optional[jax.Array] = None,
     B, Tn = x.shape
     V = tr.V
     chunk = min(chunk, B)               # no padding beyond the sequences there are
-    values = (tr.state_values() if table is None
-              else tr.decode_states(jnp.arange(1 << tr.L, dtype=jnp.int32), table))
+    values = tr.state_values(table)
     xs = jnp.asarray(x, jnp.float32).reshape(B, Tn // V, V)
     pad = -B % chunk
     xs = jnp.pad(xs, ((0, pad), (0, 0), (0, 0)))
