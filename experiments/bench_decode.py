@@ -32,14 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax import kernels
+from quipjax import codebooks, kernels
 from quipjax.kernels import xla_decode
 from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["576x1536", "4096x4096", "4096x11008"], "m x n of Q (y = x @ Q^T).")
 flags.DEFINE_list("batches", ["1", "16"], "Rows of x.")
-flags.DEFINE_list("codebooks", ["E8P12", "E8P12RVQ4B"], "Codebooks (E8P12, E8P12RVQ4B, E8P12RVQ3B).")
+flags.DEFINE_list("codebooks", ["E8P12", "E8P12RVQ4B"], "Codebooks (E8P12, E8P12RVQ4B, "
+                  "E8P12RVQ3B; the trellis codes HYB2, 1MAD2, 3INST2, ... on their xla decoder).")
 flags.DEFINE_integer("repeats", 7, "Timed calls per round.")
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds (every candidate once per round).")
 flags.DEFINE_bool("reference", True, "Also time the reference (table decode) path.")
@@ -77,6 +78,9 @@ def time_interleaved(cands: dict, repeats: int, rounds: int) -> dict:
 
 
 def random_codes(rng, codebook, m, n):
+    if codebook in kernels.XLA_ONLY_CODEBOOKS:      # a trellis: any words are a bitstream
+        shape = codebooks.get(codebook).codes_shape(m, n)
+        return jnp.asarray(rng.integers(0, 1 << 16, shape).astype(np.uint16))
     kc = n // 8
     if codebook == "E8P12":
         return jnp.asarray(rng.integers(0, 1 << 16, (m, kc)).astype(np.uint16))
@@ -127,7 +131,9 @@ def bench_shape(m, n, batch, codebook_list, rng):
                "dense_f32_all_ms": {k[1]: v for k, v in ms.items() if k[0] == "f32"},
                "dense_bf16_ms": d16, "dense_bf16_form": bf_form,
                "xla_ms": ms[("xla", cb)], "xla_x_dtype": FLAGS.xdtype,
-               "xla_bits_per_weight": xla_decode.bits_per_weight(cb),
+               "xla_bits_per_weight": (codebooks.get(cb).bits_per_weight
+                                       if cb in kernels.XLA_ONLY_CODEBOOKS
+                                       else xla_decode.bits_per_weight(cb)),
                "reference_ms": ms.get(("ref", cb))}
         row["xla_vs_dense_f32"] = row["xla_ms"] / d32
         row["bf16_vs_dense_f32"] = d16 / d32

@@ -196,16 +196,18 @@ def block_ldlq(W: jax.Array, L: jax.Array, codebook="E8P12", tune_iters: int = 0
     """BlockLDLQ rounding of W with the block LDL factor L of its (rotated) Hessian.
 
     Args:
-      W: (m, n) float weights, already rotated and divided by the scale; n % 8 == 0.
+      W: (m, n) float weights, already rotated and divided by the scale; n a multiple of
+        the codebook's `block` (8 for E8P; 16 for the trellis codes, with m too).
       L: (n, n) unit block-lower-triangular factor from `block_ldl(H)`.
       codebook: a codebook name or `Codebook`.
       tune_iters: block coordinate descent passes after LDLQ (needs H).
       H: (n, n) the Hessian L came from (only for tune_iters > 0).
-      buf_cols: columns per buffer (a multiple of 8); changes speed, not results beyond float
+      buf_cols: columns per buffer (a multiple of the block); changes speed, not results beyond float
         rounding.
     Returns:
-      (codes, What): codes (m, n // dim) + code_shape of the codebook's dtype, What (m, n)
-      the decoded values (float32, or W's dtype if wider).
+      (codes, What): codes of shape `codebook.codes_shape(m, n)` ((m, n // dim) + code_shape
+      for the vector codebooks) of the codebook's dtype, What (m, n) the decoded values
+      (float32, or W's dtype if wider).
     """
     cb = _codebooks.get(codebook)
     W = jnp.asarray(W)

@@ -135,3 +135,27 @@ def test_empty_batch_and_bad_codebook():
     with pytest.raises(ValueError):
         xla_decode.matmul(jnp.zeros((64,)), {"nib": jnp.zeros((16, 32), jnp.uint8)}, "HI2",
                           (16, 64))
+
+
+@pytest.mark.parametrize("name", kernels.XLA_ONLY_CODEBOOKS)
+def test_trellis_xla_equals_reference(name, monkeypatch):
+    """The trellis codebooks' "xla" decoder (bands of rows, packed codes) = decode everything,
+    then one matmul: random words (every word is a valid bitstream piece), 2-band loop plus a
+    partial band (bands of 32 rows, 80 rows), a single band, batches 1 / 3 / (2, 5), both
+    dtypes; "auto" picks it and an explicit Pallas backend is refused by name."""
+    from quipjax.kernels import xla_trellis
+    monkeypatch.setattr(xla_trellis, "_BAND_BYTES", 4 * 48 * 16 * 2)
+    assert xla_trellis.band_rows(80, 48) == 32
+    cb = codebooks.get(name)
+    rng = np.random.default_rng(case_seed(name))
+    for (m, n), batch, dt in [((80, 48), (1,), jnp.float32), ((80, 48), (2, 5), jnp.bfloat16),
+                              ((32, 16), (3,), jnp.float32)]:
+        codes = jnp.asarray(rng.integers(0, 1 << 16, cb.codes_shape(m, n)).astype(np.uint16))
+        x = jnp.asarray(rng.standard_normal(batch + (n,)), dt)
+        prep = kernels.prepare(codes, name)
+        assert prep.backend == "xla"
+        y = jax.jit(kernels.prepared_matmul)(x, prep)
+        ref = kernels.reference_decode_matmul(x, codes, name)
+        assert_matches(y, ref)
+    with pytest.raises(ValueError, match="an 'xla' decoder for"):
+        kernels.prepare(codes, name, backend="pallas")

@@ -117,6 +117,25 @@ def test_viterbi_cost_equals_brute_force_for_the_codes(code):
         np.testing.assert_allclose(cost_of(x[b], tr, values, got[b]), want_cost, rtol=1e-5)
 
 
+@pytest.mark.parametrize("L,K,V,T", [(16, 2, 1, 256), (16, 3, 1, 256), (16, 4, 2, 256),
+                                     (12, 3, 1, 32), (17, 1, 1, 64), (20, 2, 2, 64)])
+def test_unpack_reads_every_state_window_of_the_stream(L, K, V, T):
+    """unpack_states = a plain reading of the bitstream: state i is the L bits starting at bit
+    i * K * V (MSB first, wrapping past the end), for random words (fast path L <= 17 and the
+    bit-by-bit path)."""
+    tr = t.Trellis("LUT", L=L, K=K, V=V, T=T, table=((0.0,) * V,))
+    words = np.random.default_rng(L * K).integers(0, 1 << 16, (3, T * K // 16), np.uint16)
+    got = np.asarray(t.unpack_states(jnp.asarray(words), tr))
+    nbits = words.shape[1] * 16
+    for b in range(3):
+        stream = "".join(format(int(w), "016b") for w in words[b])
+        for i in range(T // V):
+            bits = "".join(stream[(i * K * V + j) % nbits] for j in range(L))
+            assert got[b, i] == int(bits, 2), (b, i)
+    # packing the unpacked states gives the words back (the stream is all there is)
+    np.testing.assert_array_equal(np.asarray(t.pack_states(jnp.asarray(got), tr)), words)
+
+
 # 1MAD at 2 bits: through BlockLDLQ in test_block_ldlq_with_trellis_tiles_equals_a_plain_loop
 @pytest.mark.parametrize("code,V,K", [("3INST", 1, 3), ("HYB", 2, 2), ("HYB", 2, 4)])
 def test_tail_biting_pack_round_trip(code, V, K):

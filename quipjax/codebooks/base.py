@@ -20,6 +20,7 @@ BlockLDLQ) and `decode`, and set `search` to one of `SEARCHES`:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Tuple
 
 import jax
@@ -124,6 +125,11 @@ class Codebook:
     def matrix_shape(self, codes_shape: tuple) -> tuple:
         """(m, n) of a weight whose codes have shape `codes_shape` (inverse of codes_shape)."""
         return (codes_shape[0], codes_shape[1] * self.dim)
+
+    @property
+    def shape_multiple(self) -> tuple:
+        """(rows, columns): an (m, n) weight can be coded when m and n are multiples."""
+        return (1, math.lcm(self.block, self.dim))
 
     def check_shape(self, m: int, n: int) -> None:
         """A ValueError naming the fix unless an (m, n) weight can be coded."""

@@ -13,8 +13,9 @@ and SV stay outside (`QuantizedLinear.apply`). Backends:
 | "reference"        | anywhere             | full table decode, then one float32 matmul        |
 
 Kernels exist for the E8P codebooks (`KERNEL_CODEBOOKS`). "auto" picks "pallas" when the
-default backend is a GPU and "xla" otherwise; for the other codebooks (HI2/3/4, E81B) it picks
-"reference". An explicit "pallas", "pallas_interpret" or "xla" for a codebook without a kernel
+default backend is a GPU and "xla" otherwise; the trellis codebooks (`XLA_ONLY_CODEBOOKS`) have
+an "xla" decoder only (`kernels.xla_trellis`), which "auto" picks on every platform; for the
+other codebooks (HI2/3/4, E81B) it picks "reference". An explicit "pallas", "pallas_interpret" or "xla" for a codebook without a kernel
 is an error.
 
 Under "auto" on a GPU, the first use of each kernel configuration (codebook, input dtype class
@@ -47,10 +48,13 @@ import numpy as np
 from quipjax import codebooks as _codebooks
 
 __all__ = ["decode_matmul", "reference_decode_matmul", "pick_backend", "prepare",
-           "prepared_matmul", "Prepared", "KERNEL_CODEBOOKS", "stage_table"]
+           "prepared_matmul", "Prepared", "KERNEL_CODEBOOKS", "XLA_ONLY_CODEBOOKS", "stage_table"]
 
 # Codebooks with in-kernel decoders (the E8P family); the others run on "auto" / "reference".
 KERNEL_CODEBOOKS = ("E8P12", "E8P12RVQ3B", "E8P12RVQ4B")
+# Codebooks with an "xla" decoder only (the trellis codes: `kernels.xla_trellis`)
+XLA_ONLY_CODEBOOKS = tuple(n for n in _codebooks.names()
+                           if isinstance(_codebooks.get(n), _codebooks.TrellisCodebook))
 _BACKENDS = ("auto", "pallas", "pallas_interpret", "xla", "reference")
 
 
@@ -122,14 +126,24 @@ _MODULES = {"pallas": "quipjax.kernels.pallas_e8p", "pallas_interpret": "quipjax
             "xla": "quipjax.kernels.xla_decode"}
 
 
+def _module(backend: str, codebook: str):
+    """The backend module that runs `codebook` on `backend`."""
+    if backend == "xla" and codebook in XLA_ONLY_CODEBOOKS:
+        return importlib.import_module("quipjax.kernels.xla_trellis")
+    return importlib.import_module(_MODULES[backend])
+
+
 def _resolve(cb, backend):
     be = pick_backend(backend)
     if cb.name in KERNEL_CODEBOOKS:
         return be
+    if cb.name in XLA_ONLY_CODEBOOKS and backend in ("auto", "xla"):
+        return "xla"
     if backend in ("auto", "reference"):
         return "reference"
     raise ValueError(f"decode-matmul backend {backend!r} has no kernel for codebook {cb.name} "
-                     f"(kernels exist for {', '.join(KERNEL_CODEBOOKS)}); use backend='auto' "
+                     f"(kernels exist for {', '.join(KERNEL_CODEBOOKS)}; an 'xla' decoder for "
+                     f"{', '.join(XLA_ONLY_CODEBOOKS)}); use backend='auto' "
                      f"or backend='reference' (decode, then one matmul)")
 
 
@@ -232,7 +246,7 @@ def prepare(codes: jax.Array, codebook, backend: str = "auto") -> Prepared:
     if be == "reference":
         arrays = {"codes": jnp.asarray(codes)}
     else:
-        arrays = importlib.import_module(_MODULES[be]).prepare(codes, cb.name)
+        arrays = _module(be, cb.name).prepare(codes, cb.name)
     return Prepared(arrays, be, cb.name, (m, n), verify=backend == "auto" and be == "pallas")
 
 
@@ -246,7 +260,7 @@ def prepared_matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
         return reference_decode_matmul(x, prepared.arrays["codes"], prepared.codebook)
     if prepared.verify and not _pallas_verified(_kernel_config(x, prepared)):
         return _xla_from_pallas_layout(x, prepared)
-    mod = importlib.import_module(_MODULES[prepared.backend])
+    mod = _module(prepared.backend, prepared.codebook)
     if prepared.backend.startswith("pallas"):
         return mod.matmul(x, prepared.arrays, prepared.codebook, prepared.shape,
                           interpret=prepared.backend == "pallas_interpret")

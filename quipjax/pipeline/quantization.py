@@ -16,7 +16,6 @@ unfinished layer with the same codes.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Optional, Sequence
 
@@ -162,19 +161,27 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
 
 
 def check_model(spec, codebook: str, adapter=None, kw: Optional[dict] = None) -> None:
-    """Every linear the adapter quantizes has an input dimension the codebook can code (a
-    multiple of 8 for every E8P codebook): a ValueError naming the first one that has not,
+    """Every group the adapter quantizes has a shape the codebook can code (an input dimension
+    that is a multiple of 8 for every E8P codebook; both dimensions multiples of 16 for the
+    trellis codes, rows counted over the fused members): a ValueError naming the first one
+    that has not,
     before any expensive stage. The rotations take any dimension; the codes do not."""
     adapter = adapter or adapter_of(spec)
     block = family_of(spec).abstract_block(spec)
     for g in adapter.groups:
         cb = kw[g.name]["codebook"] if kw else codebook
-        step = math.lcm(codebooks.get(cb).block, codebooks.get(cb).dim)
+        rows, cols = codebooks.get(cb).shape_multiple
         path = g.members[0]
-        m, n = get_path(block, path + ".weight").shape
-        if n % step:
+        n = get_path(block, path + ".weight").shape[1]
+        m = sum(get_path(block, p + ".weight").shape[0] for p in g.members)   # fused rows
+        if n % cols:
             raise ValueError(f"model.layers.0.{path} (and every layer's) has input dimension {n}, "
-                             f"not a multiple of {step}: {codebooks.get(cb).name} codes need "
+                             f"not a multiple of {cols}: {codebooks.get(cb).name} codes need "
                              f"it (the rotations "
                              "take any dimension); pad the model's weights with zero columns "
                              "to the next multiple first")
+        if m % rows:
+            raise ValueError(f"model.layers.0 group {g.name} ({', '.join(g.members)}) has {m} "
+                             f"output rows, not a multiple of {rows}: {codebooks.get(cb).name} "
+                             f"codes {rows} x {cols} tiles; choose an E8P codebook for this "
+                             "group (--codebook, or a --rules entry)")

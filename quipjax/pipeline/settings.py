@@ -26,9 +26,7 @@ __all__ = ["QuantSettings", "BlockTuneSettings", "E2ESettings", "CalibrationSett
 
 DTYPES = ("bfloat16", "float32")     # names of the compute dtypes flags accept
 EVAL_DATASETS = ("wiki", "c4")       # the protocol's evaluation sets
-# the codebooks the pipeline runs (the trellis ones work through `quantize_linear` only, so far)
-PIPELINE_CODEBOOKS = tuple(n for n in codebooks.names()
-                           if not isinstance(codebooks.get(n), codebooks.TrellisCodebook))
+PIPELINE_CODEBOOKS = tuple(codebooks.names())       # every registered codebook
 
 
 def setting(default, help: str, *, flag: Optional[str] = None, enum=None):
@@ -43,10 +41,14 @@ class QuantSettings:
     """How every linear group is quantized (`quipjax.quantize.quantize_linear`'s settings)."""
 
     codebook: str = setting("E8P12", "Codebook: E8P12 (2 bits), E8P12RVQ3B (3), E8P12RVQ4B (4), "
-                            "HI2/HI3/HI4 (scalar ablation).", enum=tuple(PIPELINE_CODEBOOKS))
+                            "HI2/HI3/HI4 (scalar ablation); QTIP's trellis codes HYB2/3/4, "
+                            "1MAD2/3/4, 3INST2/3/4 (K bits, one tail-biting trellis per 16 x 16 "
+                            "tile; both weight dimensions multiples of 16; the search takes "
+                            "several times E8P's time, BUILD_NOTES.md).", enum=tuple(PIPELINE_CODEBOOKS))
     scale: Optional[float] = setting(None, "rho: rotated weights are divided by RMS/rho before "
                                      "rounding. Default: the codebook's (0.9 for E8P12, 0.98 / "
-                                     "1.03 for 3 / 4 bits).")
+                                     "1.03 for 3 / 4 bits; the std of the trellis code's values: "
+                                     "1.0 1MAD, 1.2437 3INST, 0.9695 HYB).")
     sigma_reg: float = setting(1e-2, "H <- H / mean(diag H) + sigma_reg I.")
     tune_iters: int = setting(0, "Block coordinate descent passes after BlockLDLQ (the official "
                               "code's default is 10; the paper uses none).")
@@ -60,18 +62,13 @@ class QuantSettings:
                             "first-stage points, the best pair kept (never worse). Gaussian "
                             "MSE at 4 bits: -7.6% with B=4, -8.5% with B=16 (= B=64); at 3 "
                             "bits -0.4% / -0.5%; the search takes ~25-55x / ~50-100x greedy's "
-                            "time (BUILD_NOTES.md). Same code format and decode. Other "
-                            "codebooks' searches are exact and ignore it.")
+                            "time (BUILD_NOTES.md). Same code format and decode. The other "
+                            "codebooks ignore it.")
     seed: int = setting(0, "Seed of the calibration sampling and the sign vectors.")
 
     def check(self) -> None:
         """Raise ValueError naming the flag of a setting quantization would refuse."""
         from quipjax.quantize import check_settings
-        if self.codebook in codebooks.names() and self.codebook not in PIPELINE_CODEBOOKS:
-            raise ValueError(f"--codebook={self.codebook}: the trellis codebooks run through "
-                             "quipjax.quantize_linear; the pipeline (checkpoints, kernels, "
-                             "fine-tuning) does not run them yet. Choose one of "
-                             f"{', '.join(PIPELINE_CODEBOOKS)}")
         if self.codebook not in codebooks.names():
             raise ValueError(f"--codebook={self.codebook} is unknown; choose one of "
                              f"{', '.join(PIPELINE_CODEBOOKS)}")

@@ -1,0 +1,98 @@
+"""The trellis codebooks through the whole pipeline: quantize, resume, reload, fine-tune."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from quipjax import codebooks, layers
+from quipjax.group import group_key, quantize_group
+from quipjax.models import loaders
+from quipjax.models.adapter import LLAMA, get_path
+from quipjax.pipeline import checkpoint as ckpt
+from quipjax.pipeline import evaluate, hessians
+from quipjax.pipeline.build import build_model
+from quipjax.pipeline.quantization import check_model
+from quipjax.pipeline.run import quantize_model
+from quipjax.pipeline.settings import BlockTuneSettings, E2ESettings, QuantSettings, RunConfig
+
+from helpers import TINY as SPEC, make_hf_folder, needs_text
+
+
+@needs_text
+def test_trellis_run_resumes_reloads_and_tunes(tmp_path, monkeypatch, run_killed):
+    path = str(tmp_path / "tiny_hf")
+    make_hf_folder(path, SPEC)
+    monkeypatch.setenv("QUIPJAX_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(model=path, output_dir=str(tmp_path / "a"),
+                    settings=QuantSettings(codebook="HYB2", seed=2), devset_size=4, ctx_size=64,
+                    eval_ctx_size=64, eval_datasets=("c4",), dtype="float32", batch_size=2)
+    m = quantize_model(cfg, log=lambda *a: None)
+    assert m["ppl"]["quantized"]["c4"] > 1
+    cb = codebooks.get("HYB2")
+    g0, _, _ = ckpt.load_layer(cfg.output_dir, 0)
+    qkv = g0["qkv"].ql
+    assert qkv.codebook == "HYB2" and qkv.codes.dtype == np.uint16
+    assert qkv.codes.shape == cb.codes_shape(*qkv.shape) == (qkv.shape[0] // 16,
+                                                                qkv.shape[1] // 16, 32)
+    # 2 bits per weight for the codes; SU / SV (and the fuse scales) on top
+    assert 2.0 < m["bits_per_weight"] < 3.0
+
+    # killed after one layer, resumed: the same codes
+    cfg_b = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "b"), "evaluate": False})
+    run_killed(quantize_model, cfg_b)
+    assert ckpt.layer_done(cfg_b.output_dir, 0) and not ckpt.layer_done(cfg_b.output_dir, 1)
+    quantize_model(cfg_b, log=lambda *a: None)
+    for i in range(SPEC.num_layers):
+        ga, _, _ = ckpt.load_layer(cfg.output_dir, i)
+        gb, _, _ = ckpt.load_layer(cfg_b.output_dir, i)
+        for name in ga:
+            np.testing.assert_array_equal(np.asarray(ga[name].ql.codes),
+                                          np.asarray(gb[name].ql.codes))
+
+    # the reloaded checkpoint is the model quantized in memory (quantize_group, same keys)
+    src = loaders.open_checkpoint(path)
+    mem = loaders.load_model(src, jnp.float32)
+    hdir = os.path.join(str(tmp_path / "cache"), "hessians")
+    hdir = os.path.join(hdir, os.listdir(hdir)[0])
+    for i in range(SPEC.num_layers):
+        block, hs = loaders.load_block(src, i), hessians.load_layer_hessians(hdir, i)
+        for gi, g in enumerate(LLAMA.groups):
+            ws = [np.asarray(get_path(block, p).weight[...]) for p in g.members]
+            qg = quantize_group(ws, hs[g.name], key=group_key(2, i, gi), members=g.members,
+                                **cfg.settings.quantize_kw())
+            layers.attach_dequantized(mem.layers[i], qg, jnp.float32)
+    disk = build_model(cfg.output_dir, dtype=jnp.float32)
+    tok = jnp.asarray(np.random.default_rng(4).integers(0, SPEC.vocab_size, (2, 30)))
+    np.testing.assert_allclose(np.asarray(evaluate.forward_logits(disk, tok)),
+                               np.asarray(evaluate.forward_logits(mem, tok)), atol=1e-5)
+
+    # in-block and end-to-end fine-tuning run on trellis codes (the codes stay fixed)
+    cfg_c = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "c"), "evaluate": False,
+                         "ft": BlockTuneSettings(epochs=1, lr=1e-3, susv_lr=5e-3, bs=2,
+                                                 train_size=6, valid_size=2, ctx_size=64),
+                         "e2e": E2ESettings(epochs=3, lr=1e-3, susv_lr=5e-3, bs=2,
+                                            train_size=6, valid_size=2, ctx_size=64),
+                         "tune_dtype": "float32"})
+    quantize_model(cfg_c, log=lambda *a: None)
+    e2e = json.load(open(os.path.join(cfg_c.output_dir, "ft_curves.json")))["e2e"]
+    assert len(e2e) >= 2 and os.path.exists(os.path.join(cfg_c.output_dir, "e2e.json"))
+    gc, _, _ = ckpt.load_layer(cfg_c.output_dir, 0)
+    assert not gc["qkv"].su_is_signs                      # the tuned SU was saved
+    np.testing.assert_array_equal(np.asarray(gc["qkv"].ql.codes), np.asarray(qkv.codes))
+    assert np.isfinite(np.asarray(evaluate.forward_logits(
+        build_model(cfg_c.output_dir, dtype=jnp.float32), tok))).all()
+
+
+def test_trellis_needs_16_row_tiles():
+    """A model whose output dimension is no multiple of 16 is refused before any work."""
+    spec = SPEC.__class__(**{**SPEC.__dict__, "num_kv_heads": 1, "head_dim": 8, "num_heads": 3,
+                             "hidden_size": 48})           # fused q, k, v: 24 + 8 + 8 = 40 rows
+    check_model(spec, "E8P12")
+    with pytest.raises(ValueError, match="group qkv .* 40 output rows, not a multiple of 16"):
+        check_model(spec, "HYB2")
+    cb = codebooks.get("1MAD2")
+    assert cb.shape_multiple == (16, 16) and codebooks.get("E8P12").shape_multiple == (1, 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cb.check_shape(24, 32)
