@@ -52,7 +52,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["codes", "SU", "SV"],
+                   data_fields=["codes", "SU", "SV", "table"],
                    meta_fields=["codebook", "shape", "transforms", "format_version"])
 @dataclasses.dataclass(frozen=True)
 class QuantizedLinear:
@@ -66,6 +66,8 @@ class QuantizedLinear:
       shape: (m, n).
       transforms: (kind for m, kind for n), each "hadamard", "rfft" or "identity".
       format_version: `FORMAT_VERSION` of the writer.
+      table: None, or the fine-tuned value table of a codebook that has one (the HYB trellis
+        codes: (2^Q, 2) float32); None decodes with the codebook's own table.
     """
 
     codes: jax.Array
@@ -75,6 +77,7 @@ class QuantizedLinear:
     shape: Tuple[int, int]
     transforms: Tuple[str, str]
     format_version: int = FORMAT_VERSION
+    table: Optional[jax.Array] = None
 
     @property
     def rotations(self):
@@ -84,7 +87,7 @@ class QuantizedLinear:
     def decode_rotated(self) -> jax.Array:
         """The decoded codes Q (m, n) float32, in the rotated basis, without the scale."""
         m, n = self.shape
-        return codebooks.get(self.codebook).decode_matrix(self.codes, m, n)
+        return codebooks.get(self.codebook).decode_matrix(self.codes, m, n, self.table)
 
     def dequantize(self) -> jax.Array:
         """What (m, n) float32 in the original basis."""
@@ -107,18 +110,22 @@ class QuantizedLinear:
             raise ValueError(f"QuantizedLinear of shape {self.shape} applied to inputs with "
                              f"last dimension {x.shape[-1]}")
         t = rot_n.apply(x * self.SU, axis=-1, transpose=True)          # M_n^T diag(SU) x
-        y = kernels.decode_matmul(t, self.codes, self.codebook, backend=backend)
+        y = kernels.decode_matmul(t, self.codes, self.codebook, backend=backend,
+                                  table=self.table)
         return rot_m.apply(y, axis=-1) * self.SV                        # diag(SV) M_m (.)
 
     def bits(self) -> dict:
         """Storage in bits, as a quipjax checkpoint stores the layer: the codes; SU as one bit
-        per entry while it holds signs (32 once fine-tuning made it real-valued); SV float32.
-        Needs concrete arrays (not under jit)."""
+        per entry while it holds signs (32 once fine-tuning made it real-valued); SV float32;
+        a tuned table float32. Needs concrete arrays (not under jit)."""
         m, n = self.shape
         cb = codebooks.get(self.codebook)
         signs = bool(np.all(np.abs(np.asarray(self.SU)) == 1))
-        return {"codes": int(round(m * n * cb.bits_per_weight)), "SU": n if signs else 32 * n,
-                "SV": 32 * m}
+        out = {"codes": int(round(m * n * cb.bits_per_weight)), "SU": n if signs else 32 * n,
+               "SV": 32 * m}
+        if self.table is not None:
+            out["table"] = 32 * int(np.size(self.table))
+        return out
 
     @property
     def bits_per_weight(self) -> float:

@@ -1,6 +1,7 @@
 """QTIP's bitshift trellis codes (`quipjax.codebooks.trellis`): the code values against plain
 Python integer arithmetic, the Viterbi search against brute force over every bitstream (path
 for path where the table has no ties, cost for cost where it has), tail-biting and packing."""
+import dataclasses
 import itertools
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from quipjax import codebooks
 from quipjax.codebooks import trellis as t
 
 
@@ -218,3 +220,48 @@ def test_block_ldlq_with_trellis_tiles_equals_a_plain_loop():
     np.testing.assert_array_equal(np.asarray(cb.decode(c)), np.asarray(xt).T)
     with pytest.raises(ValueError, match="multiple of 16 in both"):
         quantize_linear(W[:24], H, codebook="1MAD2", key=jax.random.key(0))
+
+
+def test_tuned_hyb_table_decodes_and_has_exact_gradients():
+    """A QuantizedLinear carries a tuned HYB table: None and the default table decode alike, a
+    changed table changes exactly the entries it indexes (= a plain decode with that table),
+    apply() uses it, its storage is counted, and tables are refused where they do not fit.
+    The tunable table's gradient (`TableSource`, R linear in the table) matches the change of
+    the loss."""
+    from flax import nnx
+    from quipjax import layers
+    from quipjax.quantize import quantize_linear
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((32, 48)).astype(np.float32)
+    H = np.cov(rng.standard_normal((48, 256))).astype(np.float32) + np.eye(48, dtype=np.float32)
+    ql = quantize_linear(W, H, codebook="HYB2", key=jax.random.key(0))
+    cb = codebooks.get("HYB2")
+    tab = np.asarray(cb.default_table())
+    assert cb.has_table and not codebooks.get("1MAD2").has_table and tab.shape == (512, 2)
+    same = dataclasses.replace(ql, table=jnp.asarray(tab))
+    np.testing.assert_array_equal(np.asarray(same.dequantize()), np.asarray(ql.dequantize()))
+    new = tab + rng.standard_normal(tab.shape).astype(np.float32) * 0.1
+    tuned = dataclasses.replace(ql, table=jnp.asarray(new))
+    states = np.asarray(t.unpack_states(ql.codes.reshape(-1, ql.codes.shape[-1]), cb.trellis))
+    h = (states.astype(np.uint64) * (states.astype(np.uint64) + 1)) % (1 << 32)
+    idx = ((h >> 6) & 511).astype(np.int64)
+    v = new[idx] * np.stack([np.where((h >> 15) & 1, -1.0, 1.0), np.ones(h.shape)], -1)
+    tiles = v.reshape(2, 3, 16, 16).transpose(0, 2, 1, 3).reshape(32, 48)
+    np.testing.assert_allclose(np.asarray(tuned.decode_rotated()), tiles, rtol=1e-6, atol=1e-6)
+    x = rng.standard_normal((3, 48)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(tuned.apply(x)), x @ np.asarray(tuned.dequantize()).T,
+                               rtol=1e-4, atol=1e-4)
+    assert tuned.bits()["table"] == 512 * 2 * 32 and "table" not in ql.bits()
+    with pytest.raises(ValueError, match="has no value table"):
+        codebooks.get("E8P12").check_table(tab)
+    with pytest.raises(ValueError, match=r"table has shape \(512, 2\)"):
+        cb.check_table(tab[:10])
+
+    src = layers.TableSource(tuned)
+    G = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+    loss = lambda s: jnp.sum(s.R() * G)                                   # noqa: E731
+    grad = nnx.grad(loss)(src).table[...]
+    delta = rng.standard_normal(tab.shape).astype(np.float32)
+    moved = layers.TableSource(dataclasses.replace(tuned, table=jnp.asarray(new + delta)))
+    np.testing.assert_allclose(float(loss(moved) - loss(src)), float(jnp.sum(grad * delta)),
+                               rtol=1e-3)

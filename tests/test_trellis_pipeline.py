@@ -68,12 +68,15 @@ def test_trellis_run_resumes_reloads_and_tunes(tmp_path, monkeypatch, run_killed
     np.testing.assert_allclose(np.asarray(evaluate.forward_logits(disk, tok)),
                                np.asarray(evaluate.forward_logits(mem, tok)), atol=1e-5)
 
-    # in-block and end-to-end fine-tuning run on trellis codes (the codes stay fixed)
+    # in-block and end-to-end fine-tuning run on trellis codes (the codes stay fixed), the
+    # HYB tables tuned too (--ft_train_table, --e2e_train_table)
     cfg_c = RunConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "c"), "evaluate": False,
                          "ft": BlockTuneSettings(epochs=1, lr=1e-3, susv_lr=5e-3, bs=2,
-                                                 train_size=6, valid_size=2, ctx_size=64),
+                                                 train_size=6, valid_size=2, ctx_size=64,
+                                                 train_table=True),
                          "e2e": E2ESettings(epochs=3, lr=1e-3, susv_lr=5e-3, bs=2,
-                                            train_size=6, valid_size=2, ctx_size=64),
+                                            train_size=6, valid_size=2, ctx_size=64,
+                                            train_table=True),
                          "tune_dtype": "float32"})
     quantize_model(cfg_c, log=lambda *a: None)
     e2e = json.load(open(os.path.join(cfg_c.output_dir, "ft_curves.json")))["e2e"]
@@ -81,8 +84,28 @@ def test_trellis_run_resumes_reloads_and_tunes(tmp_path, monkeypatch, run_killed
     gc, _, _ = ckpt.load_layer(cfg_c.output_dir, 0)
     assert not gc["qkv"].su_is_signs                      # the tuned SU was saved
     np.testing.assert_array_equal(np.asarray(gc["qkv"].ql.codes), np.asarray(qkv.codes))
-    assert np.isfinite(np.asarray(evaluate.forward_logits(
-        build_model(cfg_c.output_dir, dtype=jnp.float32), tok))).all()
+    # the in-block stage tuned and saved the qkv table (it tunes after qkv, o and up)
+    assert gc["qkv"].ql.table is not None and gc["down"].ql.table is None
+    assert np.abs(np.asarray(gc["qkv"].ql.table) - np.asarray(cb.default_table())).max() > 0
+    over = ckpt.load_e2e(cfg_c.output_dir)[0][0]["groups"]
+    assert len(over["qkv"]) == 3                          # (SU, SV, table): tuned ones kept
+    # the tables reach every stand-in alike: the codes path = the dequantized weights
+    by_codes = build_model(cfg_c.output_dir, linears="codes", dtype=jnp.float32)
+    dense = build_model(cfg_c.output_dir, linears="dequantized", dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(evaluate.forward_logits(by_codes, tok)),
+                               np.asarray(evaluate.forward_logits(dense, tok)), atol=1e-4)
+
+
+def test_train_table_needs_a_table():
+    cfg = RunConfig(settings=QuantSettings(codebook="E8P12"),
+                    ft=BlockTuneSettings(epochs=1, train_table=True))
+    with pytest.raises(ValueError, match="--ft_train_table tunes the value table .* HYB2"):
+        cfg.check()
+    RunConfig(settings=QuantSettings(codebook="HYB3"),
+              ft=BlockTuneSettings(epochs=1, train_table=True)).check()
+    # recorded in the checkpoint's identity only when on (earlier checkpoints still resume)
+    assert "train_table" not in RunConfig().finetune_meta()
+    assert RunConfig(e2e=E2ESettings(train_table=True)).finetune_meta()["e2e_train_table"]
 
 
 def test_trellis_needs_16_row_tiles():

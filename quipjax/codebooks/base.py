@@ -118,9 +118,33 @@ class Codebook:
         """Shape of the codes of an (m, n) weight: (m, n // dim) + code_shape."""
         return (m, n // self.dim) + self.code_shape
 
-    def decode_matrix(self, codes: jax.Array, m: int, n: int) -> jax.Array:
-        """Codes of `codes_shape(m, n)` -> the (m, n) float32 matrix they stand for."""
+    def decode_matrix(self, codes: jax.Array, m: int, n: int, table=None) -> jax.Array:
+        """Codes of `codes_shape(m, n)` -> the (m, n) float32 matrix they stand for. table: a
+        tuned value table (codebooks with `has_table` only; None: the codebook's own)."""
+        self.check_table(table)
         return self.decode(codes).reshape(m, n)
+
+    # -- a tunable value table (HYB) ------------------------------------------------------
+    @property
+    def has_table(self) -> bool:
+        """Whether decoding reads a value table that fine-tuning may change (HYB)."""
+        return False
+
+    def default_table(self):
+        """The codebook's own table (float32), the one its search uses."""
+        raise ValueError(f"{self.name} has no value table to tune (only the HYB trellis "
+                         "codes have one)")
+
+    def check_table(self, table) -> None:
+        """A ValueError unless `table` is None or a table of this codebook's shape."""
+        if table is None:
+            return
+        if not self.has_table:
+            raise ValueError(f"{self.name} has no value table, got one of shape "
+                             f"{np.shape(table)}")
+        want = np.shape(self.default_table())
+        if tuple(np.shape(table)) != want:
+            raise ValueError(f"{self.name}'s table has shape {want}, got {np.shape(table)}")
 
     def matrix_shape(self, codes_shape: tuple) -> tuple:
         """(m, n) of a weight whose codes have shape `codes_shape` (inverse of codes_shape)."""

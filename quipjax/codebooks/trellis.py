@@ -342,13 +342,24 @@ class TrellisCodebook(Codebook):
             raise ValueError(f"{self.name} codes end in {self.code_shape[0]} uint16 words per "
                              f"tile, got shape {np.shape(codes)}")
 
-    def decode(self, codes):
-        """codes (..., 16 K) uint16 -> (..., 256) float32: each tile's weights, row-major."""
+    def decode(self, codes, table=None):
+        """codes (..., 16 K) uint16 -> (..., 256) float32: each tile's weights, row-major.
+        table: a tuned HYB table (2^Q, 2) (None: the codebook's own)."""
         self.validate_codes(codes)
+        self.check_table(table)
         codes = jnp.asarray(codes)
         lead = codes.shape[:-1]
         states = unpack_states(codes.reshape(-1, codes.shape[-1]), self.trellis)
-        return self.trellis.decode_states(states).reshape(lead + (self.trellis.T,))
+        return self.trellis.decode_states(states, table).reshape(lead + (self.trellis.T,))
+
+    @property
+    def has_table(self) -> bool:
+        return self.trellis.code == "HYB"
+
+    def default_table(self):
+        if not self.has_table:
+            return super().default_table()
+        return self.trellis.lut()
 
     def quantize_block(self, x):
         """x (16, m) -> (codes (m / 16, 16 K), xhat (16, m)): the 16-row tiles of a block."""
@@ -360,8 +371,8 @@ class TrellisCodebook(Codebook):
     def codes_shape(self, m: int, n: int) -> tuple:
         return (m // TILE, n // TILE) + self.code_shape
 
-    def decode_matrix(self, codes, m: int, n: int):
-        t = self.decode(codes).reshape(m // TILE, n // TILE, TILE, TILE)
+    def decode_matrix(self, codes, m: int, n: int, table=None):
+        t = self.decode(codes, table).reshape(m // TILE, n // TILE, TILE, TILE)
         return t.transpose(0, 2, 1, 3).reshape(m, n)
 
     def matrix_shape(self, codes_shape: tuple) -> tuple:

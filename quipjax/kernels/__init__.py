@@ -84,14 +84,15 @@ def pick_backend(backend: str = "auto") -> str:
     return "pallas" if _platform() == "gpu" else "xla"
 
 
-def reference_decode_matmul(x: jax.Array, codes: jax.Array, codebook) -> jax.Array:
+def reference_decode_matmul(x: jax.Array, codes: jax.Array, codebook, table=None) -> jax.Array:
     """x (..., n) float -> x @ decode(codes)^T (..., m) float32 (decode everything, then matmul).
 
     codes: the codebook's `codes_shape(m, n)` ((m, n // dim) + code_shape for the vector
-    codebooks), as `QuantizedLinear.codes`.
+    codebooks), as `QuantizedLinear.codes`; table: `QuantizedLinear.table` (a tuned HYB table)
+    or None.
     """
     cb = _codebooks.get(codebook)
-    Q = cb.decode_matrix(codes, *cb.matrix_shape(codes.shape))
+    Q = cb.decode_matrix(codes, *cb.matrix_shape(codes.shape), table)
     return jnp.einsum("...n,mn->...m", jnp.asarray(x, jnp.float32), Q,
                       precision=jax.lax.Precision.HIGHEST)
 
@@ -235,18 +236,22 @@ def _xla_from_pallas_layout(x, prepared):
     return mod.matmul(x, mod.prepare(codes, prepared.codebook), prepared.codebook, prepared.shape)
 
 
-def prepare(codes: jax.Array, codebook, backend: str = "auto") -> Prepared:
+def prepare(codes: jax.Array, codebook, backend: str = "auto", table=None) -> Prepared:
     """Convert plain codes (m, n/8[, 2]) uint16 to `backend`'s layout (do it once per model).
+    table: a tuned value table (`QuantizedLinear.table`, HYB codebooks) or None.
 
     Raises ValueError for an explicit kernel backend and a codebook without a kernel.
     """
     cb = _codebooks.get(codebook)
+    cb.check_table(table)
     be = _resolve(cb, backend)
     m, n = cb.matrix_shape(codes.shape)
     if be == "reference":
         arrays = {"codes": jnp.asarray(codes)}
     else:
         arrays = _module(be, cb.name).prepare(codes, cb.name)
+    if table is not None:           # only the trellis codes have one: "reference" or "xla"
+        arrays["table"] = jnp.asarray(table, jnp.float32)
     return Prepared(arrays, be, cb.name, (m, n), verify=backend == "auto" and be == "pallas")
 
 
@@ -257,7 +262,8 @@ def prepared_matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
         raise ValueError(f"decode_matmul: x has last dimension {x.shape[-1]}, the codes describe "
                          f"a ({m}, {n}) matrix")
     if prepared.backend == "reference":
-        return reference_decode_matmul(x, prepared.arrays["codes"], prepared.codebook)
+        return reference_decode_matmul(x, prepared.arrays["codes"], prepared.codebook,
+                                       prepared.arrays.get("table"))
     if prepared.verify and not _pallas_verified(_kernel_config(x, prepared)):
         return _xla_from_pallas_layout(x, prepared)
     mod = _module(prepared.backend, prepared.codebook)
@@ -267,12 +273,15 @@ def prepared_matmul(x: jax.Array, prepared: Prepared) -> jax.Array:
     return mod.matmul(x, prepared.arrays, prepared.codebook, prepared.shape)
 
 
-def decode_matmul(x: jax.Array, codes: jax.Array, codebook, *, backend: str = "auto") -> jax.Array:
+def decode_matmul(x: jax.Array, codes: jax.Array, codebook, *, backend: str = "auto",
+                  table=None) -> jax.Array:
     """x (..., n) float32/bfloat16/float16 -> x @ Q^T (..., m) float32, Q decoded from `codes`.
 
-    codes: (m, n // 8) uint16 (E8P12) or (m, n // 8, 2) uint16 (the RVQ codebooks), the plain
-    layout of `QuantizedLinear.codes`. Works under jit and vmap. backend: see the module table.
+    codes: the plain layout of `QuantizedLinear.codes`: (m, n // 8) uint16 (E8P12),
+    (m, n // 8, 2) uint16 (the RVQ codebooks), (m / 16, n / 16, 16 K) uint16 (the trellis
+    codes); table: `QuantizedLinear.table` or None. Works under jit and vmap. backend: see the
+    module table.
     """
     cb = _codebooks.get(codebook)
     _check(x, codes, cb)
-    return prepared_matmul(x, prepare(codes, cb, backend))
+    return prepared_matmul(x, prepare(codes, cb, backend, table))

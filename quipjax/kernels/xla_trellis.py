@@ -47,12 +47,12 @@ def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape) -> jax.Array:
     cb = codebooks.get(codebook_name)
     lead = x.shape[:-1]
     xt = jnp.asarray(x).reshape(-1, n).astype(jnp.float32).T            # (n, B)
-    codes = arrays["codes"]
+    codes, table = arrays["codes"], arrays.get("table")     # table: a tuned HYB table or None
     R = band_rows(m, n)
 
     def band(c):                                    # (r / 16, n / 16, 16 K) -> (r, B)
         r = c.shape[0] * 16
-        return jnp.dot(cb.decode_matrix(c, r, n), xt, precision=jax.lax.Precision.HIGHEST)
+        return jnp.dot(cb.decode_matrix(c, r, n, table), xt, precision=jax.lax.Precision.HIGHEST)
 
     nb = m // R
     parts = []

@@ -17,29 +17,31 @@ from quipjax.layers.codes import Codes, CodesGroup, CodesLinear, QuantVector, at
 from quipjax.layers.dense import attach_dequantized
 from quipjax.layers.generic import CodesMember, InputRecorder
 from quipjax.layers.tap import Captured, InputTap, attach_taps, tap_inputs
-from quipjax.layers.tunable import (SUSV, Frozen, TunableQuantLinear, attach_tunable,
-                                    detach_tunable, rotated_back)
+from quipjax.layers.tunable import (SUSV, Frozen, TableSource, TunableQuantLinear,
+                                    attach_tunable, detach_tunable, rotated_back)
 
 __all__ = ["InputTap", "Captured", "attach_taps", "tap_inputs", "attach_dequantized",
-           "Frozen", "TunableQuantLinear", "attach_tunable", "detach_tunable", "rotated_back",
+           "Frozen", "TunableQuantLinear", "TableSource", "attach_tunable", "detach_tunable", "rotated_back",
            "SUSV", "Codes", "QuantVector", "CodesGroup", "CodesLinear", "attach_codes",
            "InputRecorder", "CodesMember", "KINDS", "attach"]
 
 KINDS = ("dequantized", "tunable", "codes")
 
 
-def attach(block, group, kind: str, *, dtype, backend: str = "auto") -> None:
+def attach(block, group, kind: str, *, dtype, backend: str = "auto",
+           train_table: bool = False) -> None:
     """Put the stand-in of `kind` in place of the members of `group` (a
     `quipjax.group.QuantizedGroup`) in `block`:
 
     - "dequantized": the block's linears get the dequantized weights in `dtype`;
-    - "tunable": `TunableQuantLinear`s computing their matmuls in `dtype`;
+    - "tunable": `TunableQuantLinear`s computing their matmuls in `dtype` (with train_table,
+      the value table of a HYB group is trainable too);
     - "codes": `CodesLinear`s of one `CodesGroup` (decode-matmul `backend`, input `dtype`).
     """
     if kind == "dequantized":
         attach_dequantized(block, group, dtype)
     elif kind == "tunable":
-        attach_tunable(block, group, dtype)
+        attach_tunable(block, group, dtype, train_table)
     elif kind == "codes":
         attach_codes(block, group, backend, dtype)
     else:

@@ -60,7 +60,8 @@ class CodesGroup(nnx.Module):
         if sum(group.rows) != m or len(group.rows) != len(group.scales):
             raise ValueError(f"group {group.members}: rows {group.rows} / {len(group.scales)} "
                              f"scales do not describe the {m} rows of its codes")
-        self.codes = Codes(kernels.prepare(jnp.asarray(ql.codes), ql.codebook, backend))
+        self.codes = Codes(kernels.prepare(jnp.asarray(ql.codes), ql.codebook, backend,
+                                           ql.table))
         self.SU = QuantVector(jnp.asarray(ql.SU, jnp.float32))
         # SV times each member's fuse scale, per output row: fixed at load, not per token
         self.row_scale = QuantVector(jnp.asarray(ql.SV, jnp.float32) * jnp.repeat(

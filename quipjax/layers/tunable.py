@@ -6,6 +6,10 @@ which is exactly `QuantizedLinear.dequantize()` with SU = su and SV = sv, so the
 with respect to su and sv are exact (no straight-through estimate). `attach_tunable` swaps a
 group's members for `TunableQuantLinear`s (sharing one `su` Param, as they share the group's
 input signs); `detach_tunable` reads the tuned group back out.
+
+With train_table (codebooks with a value table: the HYB trellis codes) the group's table is
+a Param too, shared by its members (`TableSource`): R = M_m Q(codes, table) M_n^T is decoded
+in every forward, so the table's gradient is exact as well (QTIP's tuned "tlut").
 """
 from __future__ import annotations
 
@@ -13,15 +17,18 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from quipjax import rht
+from quipjax import codebooks, rht
 from quipjax.models.adapter import get_path, set_path
 
-__all__ = ["Frozen", "TunableQuantLinear", "rotated_back", "attach_tunable", "detach_tunable",
-           "SUSV"]
+__all__ = ["Frozen", "TunableQuantLinear", "TableSource", "rotated_back", "attach_tunable",
+           "detach_tunable", "SUSV"]
 
-SUSV = ("su", "sv")    # the names of the sign-vector parameters (their own learning rate)
+# the names of the quantizer parameters (their own learning rate): the sign vectors and a
+# tuned value table
+SUSV = ("su", "sv", "table")
 
 
 class Frozen(nnx.Variable):
@@ -40,7 +47,13 @@ class TunableQuantLinear(nnx.Module):
     """
 
     def __init__(self, R, su: nnx.Param, sv, bias=None, compute_dtype=jnp.bfloat16):
-        self.R = Frozen(jnp.asarray(R, jnp.float32))
+        # R: the fixed (m, n) array, or (TableSource, r0, r1): rows r0:r1 of its R(table)
+        if isinstance(R, tuple):
+            self.source, self.r0, self.r1 = R
+            self.R = None
+        else:
+            self.source = None
+            self.R = Frozen(jnp.asarray(R, jnp.float32))
         self.su = su
         self.sv = nnx.Param(jnp.asarray(sv, jnp.float32))
         self.bias = bias
@@ -52,7 +65,8 @@ class TunableQuantLinear(nnx.Module):
 
     def weight_value(self) -> jax.Array:
         """What (m, n) float32."""
-        return self.sv[...][:, None] * self.R[...] * self.su[...][None, :]
+        R = self.R[...] if self.source is None else self.source.R()[self.r0:self.r1]
+        return self.sv[...][:, None] * R * self.su[...][None, :]
 
     def __call__(self, x):
         cdt = self.compute_dtype
@@ -68,20 +82,46 @@ def rotated_back(ql) -> jax.Array:
                                     jnp.ones((m,), jnp.float32), rotations=ql.rotations)
 
 
-def attach_tunable(block, group, compute_dtype=jnp.bfloat16) -> None:
+class TableSource(nnx.Module):
+    """R(table) = M_m Q(codes, table) M_n^T of one group, its codes fixed and its value table
+    a trainable Param (shared by the group's members)."""
+
+    def __init__(self, ql):
+        cb = codebooks.get(ql.codebook)
+        table = cb.default_table() if ql.table is None else ql.table
+        self.codes = Frozen(jnp.asarray(ql.codes))
+        self.table = nnx.Param(jnp.asarray(table, jnp.float32))
+        self.codebook, self.shape, self.rotations = ql.codebook, tuple(ql.shape), ql.rotations
+
+    def R(self) -> jax.Array:
+        """(m, n) float32."""
+        m, n = self.shape
+        Q = codebooks.get(self.codebook).decode_matrix(self.codes[...], m, n, self.table[...])
+        return rht.incoherence_inverse(Q, jnp.ones((n,), jnp.float32),
+                                       jnp.ones((m,), jnp.float32), rotations=self.rotations)
+
+
+def attach_tunable(block, group, compute_dtype=jnp.bfloat16, train_table: bool = False) -> None:
     """Replace the members of `group` (a `QuantizedGroup`) in `block` by TunableQuantLinears.
 
     Member i gets rows [r_i, r_i + rows_i) of R and sv = SV[rows] * scales[i]; all members share
-    one su Param initialised to the group's SU. The members' biases are kept.
+    one su Param initialised to the group's SU. The members' biases are kept. train_table: the
+    group's value table becomes a shared Param too (`TableSource`), for codebooks that have
+    one (`Codebook.has_table`); other groups are attached as without it.
     """
-    R = rotated_back(group.ql)
+    if train_table and codebooks.get(group.ql.codebook).has_table:
+        source = TableSource(group.ql)
+        rows = lambda a, b: (source, a, b)                                   # noqa: E731
+    else:
+        R = rotated_back(group.ql)
+        rows = lambda a, b: R[a:b]                                           # noqa: E731
     su = nnx.Param(jnp.asarray(group.ql.SU, jnp.float32))
     r = 0
     for i, (path, n) in enumerate(zip(group.members, group.rows)):
         old = get_path(block, path)
         sv = group.ql.SV[r:r + n] * group.scales[i]
-        set_path(block, path, TunableQuantLinear(R[r:r + n], su, sv, getattr(old, "bias", None),
-                                                 compute_dtype))
+        set_path(block, path, TunableQuantLinear(rows(r, r + n), su, sv,
+                                                 getattr(old, "bias", None), compute_dtype))
         r += n
 
 
@@ -91,6 +131,12 @@ def detach_tunable(block, group):
     if not all(isinstance(m, TunableQuantLinear) for m in mods):
         raise ValueError(f"the members of group {group.members} are not attached TunableQuantLinears")
     sv = jnp.concatenate([m.sv[...] / group.scales[i] for i, m in enumerate(mods)])
+    table = group.ql.table
+    if mods[0].source is not None:
+        table = np.asarray(mods[0].source.table[...], np.float32)
+        default = np.asarray(codebooks.get(group.ql.codebook).default_table(), np.float32)
+        # a group attached but never tuned keeps decoding with the codebook's own table
+        table = None if np.array_equal(table, default) else jnp.asarray(table)
     ql = dataclasses.replace(group.ql, SU=jnp.asarray(mods[0].su[...], jnp.float32),
-                             SV=jnp.asarray(sv, jnp.float32))
+                             SV=jnp.asarray(sv, jnp.float32), table=table)
     return dataclasses.replace(group, ql=ql)

@@ -115,12 +115,13 @@ class ModelAdapter:
     def fp_params(self, block) -> dict:
         """The block's parameters that stay in floating point (norm weights, biases): {module
         path ("input_layernorm.weight", "self_attn.q_proj.bias"): float32 numpy array},
-        everything but the weights of the adapter's linears (and the su/sv of tunable ones)."""
+        everything but the weights of the adapter's linears (and the su/sv and tuned table of
+        tunable ones, `layers.tunable`)."""
         quantized = {m + ".weight" for m in self.linear_paths()}
         out = {}
         for path, v in nnx.to_flat_state(nnx.state(block, nnx.Param)):
             name = ".".join(str(p) for p in path)
-            if name in quantized or path[-1] in ("su", "sv"):
+            if name in quantized or path[-1] in ("su", "sv") or path[-2:] == ("source", "table"):
                 continue
             out[name] = np.asarray(v[...], np.float32)
         return out

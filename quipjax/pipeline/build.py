@@ -30,7 +30,8 @@ __all__ = ["build_model", "LINEAR_KINDS"]
 LINEAR_KINDS = layers.KINDS
 
 
-def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter):
+def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter,
+           train_table: bool = False):
     spec = reader.spec
     groups, norms = reader.layer(i)
     where = f"layer {i} of {reader.dir}"
@@ -55,13 +56,13 @@ def _block(reader: Reader, i: int, kind: str, dtype, backend: str, adapter):
         raise ValueError(f"{where} lacks {sorted(set(lacking) | set(dense))}: the checkpoint "
                          "does not quantize them (it stores no dense weights)")
     for g in groups.values():
-        layers.attach(block, g, kind, dtype=dtype, backend=backend)
+        layers.attach(block, g, kind, dtype=dtype, backend=backend, train_table=train_table)
     return block
 
 
 def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat16,
                 placement=None, backend: str = "auto", head_dtype=None,
-                meta: Optional[dict] = None, adapter=None):
+                meta: Optional[dict] = None, adapter=None, train_table: bool = False):
     """The model (of the checkpoint's family) from a quantized checkpoint.
 
     Args:
@@ -74,6 +75,7 @@ def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat
       head_dtype: embeddings / lm_head dtype (default `dtype`; "tunable" with a trained head
         wants float32). With "tunable" the head's matmuls still run in `dtype`.
       meta: the checkpoint's quipjax.json (read when None).
+      train_table: with "tunable", the value tables of the HYB groups are trainable too.
     """
     if linears not in LINEAR_KINDS:
         raise ValueError(f"linears must be one of {LINEAR_KINDS}, got {linears!r}")
@@ -83,5 +85,6 @@ def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat
     dtype = jnp.dtype(dtype)
     return assemble_model(
         reader.spec, jnp.float32 if linears == "tunable" else dtype, globals_=reader.globals(),
-        block=lambda i: _block(reader, i, linears, dtype, backend, adapter), placement=placement,
+        block=lambda i: _block(reader, i, linears, dtype, backend, adapter, train_table),
+        placement=placement,
         head_dtype=head_dtype or dtype, head_compute_dtype=dtype if linears == "tunable" else None)

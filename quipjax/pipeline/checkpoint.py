@@ -175,6 +175,8 @@ def _pack_group(g: QuantizedGroup) -> dict:
         arrays["SU"] = np.packbits(np.asarray(g.ql.SU) < 0)
     else:
         arrays["SU_real"] = np.asarray(g.ql.SU, np.float32)
+    if g.ql.table is not None:           # a fine-tuned HYB table
+        arrays["table"] = np.asarray(g.ql.table, np.float32)
     if g.ql.codebook == "E8P12RVQ3B":   # second stage has 8 bits
         arrays["codes"] = codes[..., 0]
         arrays["codes2"] = codes[..., 1].astype(np.uint8)
@@ -193,7 +195,8 @@ def _unpack_group(arrays: dict, meta: dict) -> QuantizedGroup:
     ql = QuantizedLinear(codes=jnp.asarray(codes), SU=jnp.asarray(su, jnp.float32),
                          SV=jnp.asarray(arrays["SV"], jnp.float32), codebook=meta["codebook"],
                          shape=(m, n), transforms=tuple(meta["transforms"]),
-                         format_version=meta["format_version"])
+                         format_version=meta["format_version"],
+                         table=None if "table" not in arrays else jnp.asarray(arrays["table"]))
     return QuantizedGroup(ql=ql, scales=jnp.asarray(arrays["scales"]),
                           members=tuple(meta["members"]), rows=tuple(meta["rows"]))
 
@@ -259,12 +262,15 @@ def e2e_info(ckpt_dir: str) -> dict | None:
 
 
 def save_e2e(ckpt_dir: str, layers: list, globals_: dict, info: dict) -> None:
-    """The end-to-end tuned parameters: layers[i] = {"groups": {name: (SU, SV)}, "norms": {path:
-    array}}, globals_ = {name: array} (final norm, lm_head if tuned). e2e.json, written last,
-    holds `info` and the checksums of the stored arrays ("sha256")."""
+    """The end-to-end tuned parameters: layers[i] = {"groups": {name: (SU, SV) or (SU, SV,
+    table) when a HYB table was tuned}, "norms": {path: array}}, globals_ = {name: array} (final
+    norm, lm_head if tuned). e2e.json, written last, holds `info` and the checksums of the
+    stored arrays ("sha256")."""
+    def group(t):
+        names = ("SU", "SV", "table")[:len(t)]
+        return {n: np.asarray(a, np.float32) for n, a in zip(names, t)}
     tree = {"layers": {f"layer_{i:03d}": {
-        "groups": {k: {"SU": np.asarray(su, np.float32), "SV": np.asarray(sv, np.float32)}
-                   for k, (su, sv) in l["groups"].items()},
+        "groups": {k: group(t) for k, t in l["groups"].items()},
         "norms": {_key(k): np.asarray(v, np.float32) for k, v in l["norms"].items()}}
         for i, l in enumerate(layers)},
         "globals": {k: np.asarray(v) for k, v in globals_.items()}}
@@ -294,7 +300,8 @@ def load_e2e(ckpt_dir: str):
     layers = []
     for i in range(len(tree["layers"])):
         l = tree["layers"][f"layer_{i:03d}"]
-        layers.append({"groups": {k: (v["SU"], v["SV"]) for k, v in l["groups"].items()},
+        layers.append({"groups": {k: (v["SU"], v["SV"]) + ((v["table"],) if "table" in v else ())
+                                  for k, v in l["groups"].items()},
                        "norms": {_path(k): v for k, v in l["norms"].items()}})
     return layers, dict(tree["globals"]), info
 
@@ -306,9 +313,12 @@ def load_layer_tuned(ckpt_dir: str, i: int, e2e=None) -> tuple[dict, dict]:
     if e2e is None:
         return groups, norms
     over = e2e[0][i]
-    groups = {k: dataclasses.replace(g, ql=dataclasses.replace(
-        g.ql, SU=jnp.asarray(over["groups"][k][0]), SV=jnp.asarray(over["groups"][k][1])))
-        for k, g in groups.items()}
+
+    def tuned(ql, t):
+        table = jnp.asarray(t[2]) if len(t) > 2 else ql.table
+        return dataclasses.replace(ql, SU=jnp.asarray(t[0]), SV=jnp.asarray(t[1]), table=table)
+    groups = {k: dataclasses.replace(g, ql=tuned(g.ql, over["groups"][k]))
+              for k, g in groups.items()}
     return groups, dict(norms, **over["norms"])
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from quipjax import codebooks
 from quipjax.models.families import family_for_model_type
 from quipjax.models.llama import LlamaSpec
 from quipjax.pipeline.settings import RunConfig
@@ -260,6 +261,12 @@ def _quantize_stage(s: _Setup) -> dict:
         mem_q = max(mem_q, (3 * m * n + 4 * n * n) * 4 + m * n // 4)
         detail.append(f"{g} {m}x{n}: {c['total_s']:.1f} s/matrix x {rounds} rounds")
     host = max(D * (m * n + n * n) * 4 for m, n in _group_shapes(s.spec).values())
+    qs = s.cfg.settings
+    if codebooks.get(qs.codebook).search == "tail-biting" or qs.rvq_beam > 1:
+        # the measured costs are E8P12's; say so rather than underestimate silently
+        detail.append(f"rounding timed for E8P12: {qs.codebook}"
+                      f"{f' with --rvq_beam={qs.rvq_beam}' if qs.rvq_beam > 1 else ''} searches "
+                      "several times longer (BUILD_NOTES.md), not in this estimate")
     return dict(name="quantization (no FT)", memory={"one matrix (W, H, Hr, L, temps)": mem_q},
                 seconds=secs / s.speedup,
                 notes="; ".join(detail) + f"; {L} layers x 4 groups, {D} at a time; host RAM "

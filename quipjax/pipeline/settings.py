@@ -138,6 +138,9 @@ class BlockTuneSettings:
     ctx_size: int = setting(2048, "Tokens per in-block fine-tuning window.")
     early_stop: int = setting(3, "Stop an in-block tuning run after this many epochs without a "
                               "better validation loss.")
+    train_table: bool = setting(False, "Also tune each group's value table (the HYB trellis "
+                                "codebooks' 2^Q x 2 table, QTIP's tuned LUT) at --ft_susv_lr; "
+                                "groups of other codebooks tune as without it.")
 
     def check(self) -> None:
         _check_tuning(self, "in-block")
@@ -162,6 +165,8 @@ class E2ESettings:
                               "validation loss.")
     train_head: bool = setting(False, "Also train the output head (the embedding matrix when it "
                                "is tied).")
+    train_table: bool = setting(False, "Also tune each group's value table (the HYB trellis "
+                                "codebooks) at --e2e_susv_lr.")
 
     def check(self) -> None:
         _check_tuning(self, "end-to-end")
@@ -282,6 +287,11 @@ class RunConfig:
         self.settings.check()
         self.ft.check()
         self.e2e.check()
+        for flag, on in (("ft_train_table", self.ft.train_table and self.ft.epochs),
+                         ("e2e_train_table", self.e2e.train_table and self.e2e.epochs)):
+            if on and not self.rules and not codebooks.get(self.settings.codebook).has_table:
+                raise ValueError(f"--{flag} tunes the value table of the HYB trellis codebooks; "
+                                 f"--codebook={self.settings.codebook} has none (use HYB2/3/4)")
         self.calibration.check()
         for name in ("devset_size", "ctx_size", "eval_ctx_size", "batch_size", "hessian_shards"):
             if getattr(self, name) < 1:
@@ -305,9 +315,13 @@ class RunConfig:
     def finetune_meta(self) -> dict:
         """Both fine-tuning stages as one flat dict (the checkpoint's "finetune" record):
         the in-block fields, the end-to-end ones prefixed "e2e_", and "compute_dtype"."""
-        return dict(dataclasses.asdict(self.ft),
-                    **{"e2e_" + k: v for k, v in dataclasses.asdict(self.e2e).items()},
-                    compute_dtype=self.tune_dtype)
+        out = dict(dataclasses.asdict(self.ft),
+                   **{"e2e_" + k: v for k, v in dataclasses.asdict(self.e2e).items()},
+                   compute_dtype=self.tune_dtype)
+        for k in ("train_table", "e2e_train_table"):     # recorded only when on, so that
+            if not out[k]:                                 # earlier checkpoints keep resuming
+                del out[k]
+        return out
 
     @classmethod
     def define_flags(cls, flag_values=None) -> None:

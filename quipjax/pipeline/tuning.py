@@ -154,7 +154,7 @@ class BlockTuner(LayerHook):
         return np.asarray(get_path(self.block, member).weight[...], np.float32)
 
     def after_group(self, i, index, group):
-        layers.attach_tunable(self.block, group, self.cdt)
+        layers.attach_tunable(self.block, group, self.cdt, self.ft.train_table)
         self.placement.module(self.block)
         if index == len(self.adapter.groups) - 1:
             return None                            # nothing left to tune for
@@ -197,7 +197,7 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
     reader = ckpt.Reader(ckpt_dir)
     model = build_model(ckpt_dir, linears="tunable", dtype=cdt, placement=placement,
                         head_dtype=jnp.float32 if e2e.train_head else cdt, meta=reader.meta,
-                        adapter=adapter)
+                        adapter=adapter, train_table=e2e.train_table)
     teacher = load_model(src, cdt, placement=placement)
 
     @nnx.jit
@@ -241,7 +241,9 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
     for i, block in enumerate(model.layers):
         groups, _ = reader.layer(i)
         tuned = {k: layers.detach_tunable(block, g) for k, g in groups.items()}
-        tuned_layers.append({"groups": {k: (g.ql.SU, g.ql.SV) for k, g in tuned.items()},
+        tuned_layers.append({"groups": {k: (g.ql.SU, g.ql.SV) + (
+                                            () if g.ql.table is None else (g.ql.table,))
+                                        for k, g in tuned.items()},
                              "norms": adapter.fp_params(block)})
     glob = {"norm": np.asarray(model.norm.weight[...])}
     if e2e.train_head:
