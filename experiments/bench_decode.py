@@ -78,7 +78,7 @@ def time_interleaved(cands: dict, repeats: int, rounds: int) -> dict:
 
 
 def random_codes(rng, codebook, m, n):
-    if codebook in kernels.XLA_ONLY_CODEBOOKS:      # a trellis: any words are a bitstream
+    if codebook in kernels.TRELLIS_CODEBOOKS:      # a trellis: any words are a bitstream
         shape = codebooks.get(codebook).codes_shape(m, n)
         return jnp.asarray(rng.integers(0, 1 << 16, shape).astype(np.uint16))
     kc = n // 8
@@ -132,7 +132,7 @@ def bench_shape(m, n, batch, codebook_list, rng):
                "dense_bf16_ms": d16, "dense_bf16_form": bf_form,
                "xla_ms": ms[("xla", cb)], "xla_x_dtype": FLAGS.xdtype,
                "xla_bits_per_weight": (codebooks.get(cb).bits_per_weight
-                                       if cb in kernels.XLA_ONLY_CODEBOOKS
+                                       if cb in kernels.TRELLIS_CODEBOOKS
                                        else xla_decode.bits_per_weight(cb)),
                "reference_ms": ms.get(("ref", cb))}
         row["xla_vs_dense_f32"] = row["xla_ms"] / d32

@@ -137,12 +137,12 @@ def test_empty_batch_and_bad_codebook():
                           (16, 64))
 
 
-@pytest.mark.parametrize("name", kernels.XLA_ONLY_CODEBOOKS)
+@pytest.mark.parametrize("name", kernels.TRELLIS_CODEBOOKS)
 def test_trellis_xla_equals_reference(name, monkeypatch):
     """The trellis codebooks' "xla" decoder (bands of rows, packed codes) = decode everything,
     then one matmul: random words (every word is a valid bitstream piece), 2-band loop plus a
     partial band (bands of 32 rows, 80 rows), a single band, batches 1 / 3 / (2, 5), both
-    dtypes; "auto" picks it and an explicit Pallas backend is refused by name."""
+    dtypes; "auto" picks it."""
     from quipjax.kernels import xla_trellis
     monkeypatch.setattr(xla_trellis, "_BAND_BYTES", 4 * 48 * 16 * 2)
     assert xla_trellis.band_rows(80, 48) == 32
@@ -157,5 +157,3 @@ def test_trellis_xla_equals_reference(name, monkeypatch):
         y = jax.jit(kernels.prepared_matmul)(x, prep)
         ref = kernels.reference_decode_matmul(x, codes, name)
         assert_matches(y, ref)
-    with pytest.raises(ValueError, match="an 'xla' decoder for"):
-        kernels.prepare(codes, name, backend="pallas")

@@ -13,9 +13,10 @@ and SV stay outside (`QuantizedLinear.apply`). Backends:
 | "reference"        | anywhere             | full table decode, then one float32 matmul        |
 
 Kernels exist for the E8P codebooks (`KERNEL_CODEBOOKS`). "auto" picks "pallas" when the
-default backend is a GPU and "xla" otherwise; the trellis codebooks (`XLA_ONLY_CODEBOOKS`) have
-an "xla" decoder only (`kernels.xla_trellis`), which "auto" picks on every platform; for the
-other codebooks (HI2/3/4, E81B) it picks "reference". An explicit "pallas", "pallas_interpret" or "xla" for a codebook without a kernel
+default backend is a GPU and "xla" otherwise; for the trellis codebooks (`TRELLIS_CODEBOOKS`)
+it picks their "xla" decoder (`kernels.xla_trellis`) on every platform, their Pallas kernels
+(`kernels.pallas_trellis`) run when asked for by name (not yet run on a GPU); for the other
+codebooks (HI2/3/4, E81B) it picks "reference". An explicit "pallas", "pallas_interpret" or "xla" for a codebook without a kernel
 is an error.
 
 Under "auto" on a GPU, the first use of each kernel configuration (codebook, input dtype class
@@ -48,12 +49,14 @@ import numpy as np
 from quipjax import codebooks as _codebooks
 
 __all__ = ["decode_matmul", "reference_decode_matmul", "pick_backend", "prepare",
-           "prepared_matmul", "Prepared", "KERNEL_CODEBOOKS", "XLA_ONLY_CODEBOOKS", "stage_table"]
+           "prepared_matmul", "Prepared", "KERNEL_CODEBOOKS", "TRELLIS_CODEBOOKS", "stage_table"]
 
 # Codebooks with in-kernel decoders (the E8P family); the others run on "auto" / "reference".
 KERNEL_CODEBOOKS = ("E8P12", "E8P12RVQ3B", "E8P12RVQ4B")
-# Codebooks with an "xla" decoder only (the trellis codes: `kernels.xla_trellis`)
-XLA_ONLY_CODEBOOKS = tuple(n for n in _codebooks.names()
+# The trellis codes: an "xla" decoder (`kernels.xla_trellis`, what "auto" picks everywhere
+# until the Pallas kernels have run on a GPU) and Pallas kernels (`kernels.pallas_trellis`,
+# explicit backend="pallas" / "pallas_interpret")
+TRELLIS_CODEBOOKS = tuple(n for n in _codebooks.names()
                            if isinstance(_codebooks.get(n), _codebooks.TrellisCodebook))
 _BACKENDS = ("auto", "pallas", "pallas_interpret", "xla", "reference")
 
@@ -129,8 +132,9 @@ _MODULES = {"pallas": "quipjax.kernels.pallas_e8p", "pallas_interpret": "quipjax
 
 def _module(backend: str, codebook: str):
     """The backend module that runs `codebook` on `backend`."""
-    if backend == "xla" and codebook in XLA_ONLY_CODEBOOKS:
-        return importlib.import_module("quipjax.kernels.xla_trellis")
+    if codebook in TRELLIS_CODEBOOKS:
+        return importlib.import_module("quipjax.kernels.xla_trellis" if backend == "xla"
+                                       else "quipjax.kernels.pallas_trellis")
     return importlib.import_module(_MODULES[backend])
 
 
@@ -138,13 +142,13 @@ def _resolve(cb, backend):
     be = pick_backend(backend)
     if cb.name in KERNEL_CODEBOOKS:
         return be
-    if cb.name in XLA_ONLY_CODEBOOKS and backend in ("auto", "xla"):
-        return "xla"
+    if cb.name in TRELLIS_CODEBOOKS:
+        return "xla" if backend == "auto" else be
     if backend in ("auto", "reference"):
         return "reference"
     raise ValueError(f"decode-matmul backend {backend!r} has no kernel for codebook {cb.name} "
-                     f"(kernels exist for {', '.join(KERNEL_CODEBOOKS)}; an 'xla' decoder for "
-                     f"{', '.join(XLA_ONLY_CODEBOOKS)}); use backend='auto' "
+                     f"(kernels exist for {', '.join(KERNEL_CODEBOOKS)} and "
+                     f"{', '.join(TRELLIS_CODEBOOKS)}); use backend='auto' "
                      f"or backend='reference' (decode, then one matmul)")
 
 
