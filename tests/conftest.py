@@ -47,7 +47,8 @@ def tiny_ckpt_e2e(tmp_path_factory):
 
 
 # the longest tests first, so that with two xdist workers neither waits on one at the end
-_FIRST = ("test_sharding.py", "test_finetune.py", "test_readme.py", "test_cli_errors.py")
+_FIRST = ("test_sharding.py", "test_finetune.py", "test_readme.py", "test_cli_errors.py",
+          "test_trellis_pipeline.py", "test_kernels_pallas_trellis.py")
 
 
 def pytest_collection_modifyitems(items):
