@@ -98,6 +98,27 @@ def random_codes(rng, codebook, m, n):
     return jnp.asarray(c.astype(np.uint16))
 
 
+
+def quantized_in_memory(model_path, cache_dir, settings):
+    """The FP model of `model_path` with every group quantized in memory by `quantize_group`
+    (the Hessians of the one entry under cache_dir/hessians, the run's keys and settings) and
+    attached dequantized: what a checkpoint of that run must reload to."""
+    from quipjax import layers
+    from quipjax.models import loaders
+    from quipjax.pipeline import hessians
+    src = loaders.open_checkpoint(model_path)
+    mem = loaders.load_model(src, jnp.float32)
+    hdir = os.path.join(cache_dir, "hessians")
+    hdir = os.path.join(hdir, os.listdir(hdir)[0])
+    for i in range(src.spec.num_layers):
+        block, hs = loaders.load_block(src, i), hessians.load_layer_hessians(hdir, i)
+        for gi, g in enumerate(LLAMA.groups):
+            ws = [np.asarray(get_path(block, m).weight[...]) for m in g.members]
+            qg = quantize_group(ws, hs[g.name], key=group_key(settings.seed, i, gi),
+                                members=g.members, **settings.quantize_kw())
+            layers.attach_dequantized(mem.layers[i], qg, jnp.float32)
+    return mem
+
 # the tiny Llama of the generation / checkpoint tests: 2 layers, no EOS
 TINY_GEN = llama.LlamaSpec(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,

@@ -6,17 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quipjax import layers
-from quipjax.group import group_key, quantize_group
 from quipjax.models import loaders
-from quipjax.models.adapter import LLAMA, get_path
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import data, evaluate, hessians
 from quipjax.pipeline.build import build_model
 from quipjax.pipeline.run import open_job, quantize_model
 from quipjax.pipeline.settings import QuantSettings, RunConfig
 
-from helpers import TINY as SPEC, needs_smollm2, needs_text
+from helpers import TINY as SPEC, needs_smollm2, needs_text, quantized_in_memory
 
 
 def test_hf_folder_loads_same_logits(tiny_hf):
@@ -111,17 +108,7 @@ def test_quantize_resume_reload_and_errors(tiny_hf, tmp_path, monkeypatch, run_k
             np.testing.assert_array_equal(ga[name].ql.SV, gb[name].ql.SV)
 
     # loading the checkpoint gives the logits of the in-memory quantized model, exactly
-    src = loaders.open_checkpoint(path)
-    mem = loaders.load_model(src, jnp.float32)
-    hdir = os.path.join(str(tmp_path / "cache"), "hessians")
-    hdir = os.path.join(hdir, os.listdir(hdir)[0])
-    for i in range(SPEC.num_layers):
-        block, hs = loaders.load_block(src, i), hessians.load_layer_hessians(hdir, i)
-        for gi, g in enumerate(LLAMA.groups):
-            ws = [np.asarray(get_path(block, m).weight[...]) for m in g.members]
-            qg = quantize_group(ws, hs[g.name], key=group_key(cfg.settings.seed, i, gi),
-                                members=g.members, **cfg.settings.quantize_kw())
-            layers.attach_dequantized(mem.layers[i], qg, jnp.float32)
+    mem = quantized_in_memory(path, str(tmp_path / "cache"), cfg.settings)
     disk = build_model(cfg.output_dir, dtype=jnp.float32)
     tok = jnp.asarray(np.random.default_rng(4).integers(0, SPEC.vocab_size, (2, 30)))
     np.testing.assert_array_equal(np.asarray(evaluate.forward_logits(mem, tok)),

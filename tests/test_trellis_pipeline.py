@@ -6,18 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quipjax import codebooks, layers
-from quipjax.group import group_key, quantize_group
-from quipjax.models import loaders
-from quipjax.models.adapter import LLAMA, get_path
+from quipjax import codebooks
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline import evaluate, hessians
+from quipjax.pipeline import evaluate
 from quipjax.pipeline.build import build_model
 from quipjax.pipeline.quantization import check_model
 from quipjax.pipeline.run import quantize_model
 from quipjax.pipeline.settings import BlockTuneSettings, E2ESettings, QuantSettings, RunConfig
 
-from helpers import TINY as SPEC, make_hf_folder, needs_text
+from helpers import TINY as SPEC, make_hf_folder, needs_text, quantized_in_memory
 
 
 @needs_text
@@ -52,17 +49,7 @@ def test_trellis_run_resumes_reloads_and_tunes(tmp_path, monkeypatch, run_killed
                                           np.asarray(gb[name].ql.codes))
 
     # the reloaded checkpoint is the model quantized in memory (quantize_group, same keys)
-    src = loaders.open_checkpoint(path)
-    mem = loaders.load_model(src, jnp.float32)
-    hdir = os.path.join(str(tmp_path / "cache"), "hessians")
-    hdir = os.path.join(hdir, os.listdir(hdir)[0])
-    for i in range(SPEC.num_layers):
-        block, hs = loaders.load_block(src, i), hessians.load_layer_hessians(hdir, i)
-        for gi, g in enumerate(LLAMA.groups):
-            ws = [np.asarray(get_path(block, p).weight[...]) for p in g.members]
-            qg = quantize_group(ws, hs[g.name], key=group_key(2, i, gi), members=g.members,
-                                **cfg.settings.quantize_kw())
-            layers.attach_dequantized(mem.layers[i], qg, jnp.float32)
+    mem = quantized_in_memory(path, str(tmp_path / "cache"), cfg.settings)
     disk = build_model(cfg.output_dir, dtype=jnp.float32)
     tok = jnp.asarray(np.random.default_rng(4).integers(0, SPEC.vocab_size, (2, 30)))
     np.testing.assert_allclose(np.asarray(evaluate.forward_logits(disk, tok)),

@@ -44,11 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
 from quipjax.kernels import stage_table
+from quipjax.kernels.pallas_launch import split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs",
            "ROW_MULTIPLE", "H100_SMS"]
@@ -276,7 +276,6 @@ def _call(x8, arrays, codebook_name, shape, interpret):
     mp = arrays["c1"].shape[0]
     grid = (mp // bm, s)
     params = dict(kind=kind, bm=bm, bk=bk, nk=cfg["nk"], ks=cfg["ks"])
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     if x8.ndim == 2:
         kern = functools.partial(_matvec_kernel, **params)
         out_shape = jax.ShapeDtypeStruct((s, mp), jnp.float32)
@@ -285,14 +284,8 @@ def _call(x8, arrays, codebook_name, shape, interpret):
         kern = functools.partial(_batch_kernel, **params)
         out_shape = jax.ShapeDtypeStruct((s, mp, batch), jnp.float32)
         out_spec = pl.BlockSpec((1, bm, batch), lambda i, j: (j, i, 0))
-    part = pl.pallas_call(
-        kern, out_shape=out_shape, grid=grid, in_specs=[any_spec] * len(args),
-        out_specs=out_spec, interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg["num_warps"],
-                                                num_stages=cfg["num_stages"]),
-        name=f"e8p_{'matvec' if x8.ndim == 2 else 'batch'}_{codebook_name}",
-    )(*args)
-    return part.sum(0)
+    return split_k_call(kern, args, out_shape, out_spec, grid, cfg, interpret,
+                        f"e8p_{'matvec' if x8.ndim == 2 else 'batch'}_{codebook_name}")
 
 
 def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape, *, interpret: bool = False):

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from quipjax import codebooks
+from quipjax.kernels.pallas_launch import split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 
@@ -130,25 +130,9 @@ def _k_range(nk, ks):
     return s * ks, jnp.minimum((s + 1) * ks, nk)
 
 
-def _matvec_kernel(*refs, tr, bm, bk, nk, ks, ct):
-    """refs: codes, [table], x (Kp,) -> o (1, BM)."""
-    codes_ref, table_ref = refs[0], (refs[1] if tr.code == "HYB" else None)
-    x_ref, o_ref = refs[-2], refs[-1]
-    row_tile0 = pl.program_id(0) * (bm // 16)
-    k0, k1 = _k_range(nk, ks)
-    inv = _positions(tr, bm, bk)
-
-    def body(k, acc):
-        w = _weights(tr, codes_ref, table_ref, inv, row_tile0, k * (bk // 16), ct)
-        x = x_ref[pl.ds(k * bk, bk)].astype(jnp.float32)
-        return acc + jnp.sum(w * x[None, :], axis=1)
-
-    acc = jax.lax.fori_loop(k0, k1, body, jnp.zeros((bm,), jnp.float32))
-    o_ref[...] = acc[None, :]
-
-
-def _batch_kernel(*refs, tr, bm, bk, nk, ks, ct):
-    """refs: codes, [table], x (NB, Kp) -> o (1, BM, NB)."""
+def _kernel(*refs, tr, bm, bk, nk, ks, ct, batch):
+    """refs: codes, [table], x -> o. Matvec: x (Kp,), o (1, BM) (float32 products on the CUDA
+    cores); batch: x (NB, Kp), o (1, BM, NB) (a `dot` in x's dtype, float32 accumulation)."""
     codes_ref, table_ref = refs[0], (refs[1] if tr.code == "HYB" else None)
     x_ref, o_ref = refs[-2], refs[-1]
     row_tile0 = pl.program_id(0) * (bm // 16)
@@ -159,11 +143,15 @@ def _batch_kernel(*refs, tr, bm, bk, nk, ks, ct):
 
     def body(k, acc):
         w = _weights(tr, codes_ref, table_ref, inv, row_tile0, k * (bk // 16), ct)
+        if not batch:
+            x = x_ref[pl.ds(k * bk, bk)].astype(jnp.float32)
+            return acc + jnp.sum(w * x[None, :], axis=1)
         x = x_ref[:, pl.ds(k * bk, bk)]                                    # (NB, BK)
         return acc + jax.lax.dot_general(w.astype(xdt), x, (((1,), (1,)), ((), ())),
                                          precision=prec, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(k0, k1, body, jnp.zeros((bm, x_ref.shape[0]), jnp.float32))
+    shape = (bm, x_ref.shape[0]) if batch else (bm,)
+    acc = jax.lax.fori_loop(k0, k1, body, jnp.zeros(shape, jnp.float32))
     o_ref[...] = acc[None]
 
 
@@ -177,23 +165,15 @@ def _call(x, arrays, name, shape, interpret):
     table = [arrays["table"].reshape(-1)] if tr.code == "HYB" else []     # a tuned one: 2-D
     args = [arrays["codes"]] + table + [x]
     params = dict(tr=tr, bm=bm, bk=bk, nk=cfg["nk"], ks=cfg["ks"], ct=kp // 16)
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    kern = functools.partial(_kernel, **params, batch=x.ndim == 2)
     if x.ndim == 1:
-        kern = functools.partial(_matvec_kernel, **params)
         out_shape = jax.ShapeDtypeStruct((s, mp), jnp.float32)
         out_spec = pl.BlockSpec((1, bm), lambda i, j: (j, i))
     else:
-        kern = functools.partial(_batch_kernel, **params)
         out_shape = jax.ShapeDtypeStruct((s, mp, x.shape[0]), jnp.float32)
         out_spec = pl.BlockSpec((1, bm, x.shape[0]), lambda i, j: (j, i, 0))
-    part = pl.pallas_call(
-        kern, out_shape=out_shape, grid=(mp // bm, s), in_specs=[any_spec] * len(args),
-        out_specs=out_spec, interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg["num_warps"],
-                                                num_stages=cfg["num_stages"]),
-        name=f"trellis_{cfg['kind']}_{name}",
-    )(*args)
-    return part.sum(0)
+    return split_k_call(kern, args, out_shape, out_spec, (mp // bm, s), cfg, interpret,
+                        f"trellis_{cfg['kind']}_{name}")
 
 
 def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape, *, interpret: bool = False):
