@@ -31,12 +31,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from quipjax import codebooks
+from quipjax.kernels import TRELLIS_CODEBOOKS
 from quipjax.kernels.pallas_launch import split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 
-CODEBOOKS = tuple(n for n in codebooks.names()
-                  if isinstance(codebooks.get(n), codebooks.TrellisCodebook))
+CODEBOOKS = TRELLIS_CODEBOOKS       # the registry's trellis codebooks
 _BM, _BK = 32, 64
 _MAX_BATCH = 16
 H100_SMS = 132

@@ -18,12 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from quipjax import codebooks
+from quipjax.kernels import TRELLIS_CODEBOOKS
 
 __all__ = ["prepare", "matmul", "band_rows", "CODEBOOKS"]
 
-# the trellis codebooks of the registry
-CODEBOOKS = tuple(n for n in codebooks.names()
-                  if isinstance(codebooks.get(n), codebooks.TrellisCodebook))
+CODEBOOKS = TRELLIS_CODEBOOKS       # the registry's trellis codebooks
 _BAND_BYTES = 12 << 20
 
 
