@@ -11,8 +11,9 @@
         --target=experiments/kernel_ptx.py:example_targets
 
 No GPU needed. `--target=module:function` (or `path/to/file.py:function`) names a callable
-returning a list of (name, jitted_fn, example_args) with the args as `jax.ShapeDtypeStruct`s
-(pytrees allowed). For each:
+returning a list of (name, jitted_fn, example_args[, meta]) with the args as
+`jax.ShapeDtypeStruct`s (pytrees allowed); meta {"weights_per_iter": N} (weights one CTA
+decodes per iteration of its main loop) turns loop counts into instructions per weight. For each:
 
   1. `jax.export.export(fn, platforms=["cuda"], disabled_checks=[custom_call(
      "__gpu$xla.gpu.triton")])(*args)`: the StableHLO holds one `stablehlo.custom_call
@@ -25,6 +26,11 @@ returning a list of (name, jitted_fn, example_args) with the args as `jax.ShapeD
      would) gives PTX and the kernel's dynamic shared memory.
   3. `ptxas -arch=sm_90a -v` assembles the PTX: registers per thread, spill stores / loads,
      stack frame.
+  4. The kernel's main loop (the largest one: a label and the later branch back to it) is
+     counted in the PTX and, when `cuobjdump` + `nvdisasm` are found (pip nvidia-cuda-cuobjdump
+     and nvidia-cuda-nvdisasm, any 13.x), in the SASS: instructions per iteration, per opcode
+     in the JSON, and per weight with the target's meta (per thread: weights_per_iter / (32 x
+     num_warps)).
 
 Prints a table, writes <out_dir>/<target>__<kernel>.ptx (and .ttir, the IR as text) and a
 JSON summary. "ptxas notes" counts ptxas's coded messages (C7514: "Potential Performance Loss:
@@ -39,8 +45,10 @@ the CUDA 13 `ptxas` of /usr/local/cuda-13.0 assembles the PTX 8.8 that Triton em
 
     python -m venv /work/venvs/cuda
     /work/venvs/cuda/bin/pip install jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 \
-        flatbuffers numpy absl-py
+        flatbuffers numpy absl-py "flax==0.12.8" "orbax-checkpoint==0.12.8" optax tqdm safetensors gguf
     /work/venvs/cuda/bin/pip install --no-deps -e .      # quipjax itself, from this checkout
+    /work/venvs/cuda/bin/pip install nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51
+                                                         # optional: SASS loop counts
 
 Exit status 1 if any target or kernel failed.
 """
@@ -73,7 +81,7 @@ from quipjax.pipeline import cli  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "experiments/kernel_ptx.py:example_targets",
                     "module:function or path/to/file.py:function returning a list of "
-                    "(name, jitted_fn, example_args).")
+                    "(name, jitted_fn, example_args[, meta]).")
 flags.DEFINE_string("target_kwargs", "{}", "JSON object of keyword arguments for the target "
                     "function, e.g. '{\"batches\": [1]}'.")
 flags.DEFINE_string("filter", "", "Regex (re.search) on target names: keep only those.")
@@ -236,6 +244,88 @@ def ttir_text(ttir: bytes) -> str:
 
 # ------------------------------------------------------------------------------- PTX and ptxas
 
+_PTX_LABEL = re.compile(r"^\s*(\$L__BB\d+_\d+):")
+_PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)\s*;")
+_SASS_BRA = re.compile(r"\bBRA\s+(0x[0-9a-f]+)")
+_SASS_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.+?)\s*;")
+
+
+def _ptx_opcode(line: str):
+    """The opcode of one PTX instruction line ('mad.lo.s32', 'ld.global.u16', ...), or None."""
+    s = line.split("//")[0].strip()
+    if not s.endswith(";") or s.startswith((".", "{", "}")) or _PTX_LABEL.match(s):
+        return None
+    s = re.sub(r"^@!?%\w+\s+", "", s)           # predicate guard
+    return s.split()[0].rstrip(";")
+
+
+def _sass_opcode(line: str):
+    m = _SASS_INSTR.match(line)
+    if not m:
+        return None
+    s = re.sub(r"^@!?U?P\w+\s+", "", m.group(2))
+    return s.split()[0]
+
+
+def loop_instructions(text: str, sass: bool = False) -> dict:
+    """The largest loop of a kernel (a branch back to an earlier instruction): number of
+    instructions from the branch target to the branch, and the count per opcode.
+
+    PTX: labels `$L__BB0_3:`, branches `bra $L__BB0_3;`. SASS (`cuobjdump -sass`):
+    instructions `/*0a30*/  IADD3 ... ;` with their addresses, branches `BRA 0x2020`; NOPs
+    are not counted. {} when the kernel has no loop.
+    """
+    if sass:
+        instrs = []                                   # (address, opcode, line)
+        for ln in text.splitlines():
+            m = _SASS_INSTR.match(ln)
+            if m:
+                instrs.append((int(m.group(1), 16), _sass_opcode(ln), ln))
+        spans = []
+        for i, (addr, _, ln) in enumerate(instrs):
+            b = _SASS_BRA.search(ln)
+            if b and int(b.group(1), 16) < addr:
+                t = int(b.group(1), 16)
+                spans.append([o for a, o, _ in instrs[:i + 1] if a >= t and o != "NOP"])
+    else:
+        lines, labels, spans = text.splitlines(), {}, []
+        for i, ln in enumerate(lines):
+            m = _PTX_LABEL.match(ln)
+            if m:
+                labels[m.group(1)] = i
+            b = _PTX_BRA.search(ln)
+            if b and b.group(1) in labels:                    # a backward branch
+                ops = [_ptx_opcode(x) for x in lines[labels[b.group(1)] + 1:i + 1]]
+                spans.append([o for o in ops if o])
+    if not spans:
+        return {}
+    ops = max(spans, key=len)
+    hist = {}
+    for o in ops:
+        hist[o] = hist.get(o, 0) + 1
+    return {"instructions": len(ops), "opcodes": hist}
+
+
+def find_cuobjdump(ptxas: str) -> str:
+    """cuobjdump (needs nvdisasm beside it or on PATH) for SASS counts, or "" (then skipped)."""
+    cands = [os.environ.get("CUOBJDUMP", ""), shutil.which("cuobjdump") or "",
+             os.path.join(os.path.dirname(ptxas), "cuobjdump")]
+    cands += glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "nvidia",
+                                    "*", "bin", "cuobjdump"))
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return ""
+
+
+def sass_text(cuobjdump: str, cubin: str) -> str:
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(cuobjdump) + os.pathsep + env.get("PATH", "")
+    p = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed ({p.returncode}): {p.stderr.strip()}")
+    return p.stdout
+
 _RE_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _RE_USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
 
@@ -282,8 +372,10 @@ def _safe(s: str) -> str:
 def analyse(targets, ptxas: str) -> list[dict]:
     from jax._src.lib import triton
     arch = FLAGS.ptxas_arch or ("sm_%sa" if FLAGS.arch == "9.0" else "sm_%s") % FLAGS.arch.replace(".", "")
+    cuobjdump = find_cuobjdump(ptxas)
     rows = []
-    for tname, fn, args in targets:
+    for tname, fn, args, *meta in targets:
+        meta = meta[0] if meta else {}
         try:
             kernels = triton_kernels(export_cuda(fn, args))
         except Exception as e:  # noqa: BLE001
@@ -315,6 +407,7 @@ def analyse(targets, ptxas: str) -> list[dict]:
                     f.write(res.asm)
                 row.update(smem=int(res.smem_bytes), ptx=stem + ".ptx", ttir=stem + ".ttir")
                 row.update(run_ptxas(ptxas, stem + ".ptx", arch))
+                _loop_counts(row, res.asm, cuobjdump, meta, nw)
                 row["ctas_per_sm_est"] = ctas_per_sm(row["registers"], nw,
                                                      row["smem"] + row["static_smem"])
             except Exception as e:  # noqa: BLE001
@@ -325,9 +418,34 @@ def analyse(targets, ptxas: str) -> list[dict]:
     return rows
 
 
+def _loop_counts(row, ptx, cuobjdump, meta, num_warps):
+    """Instructions of the kernel's main loop (PTX, and SASS when cuobjdump is there), per
+    weight when the target states `weights_per_iter` (weights one CTA decodes per iteration)."""
+    row["loop_ptx"] = loop_instructions(ptx)
+    if cuobjdump:
+        sass = sass_text(cuobjdump, row["cubin"])
+        with open(row["cubin"][:-6] + ".sass", "w") as f:
+            f.write(sass)
+        row["loop_sass"] = loop_instructions(sass, sass=True)
+    wpi = meta.get("weights_per_iter")
+    if wpi:
+        per_thread = wpi / (32 * num_warps)
+        row["weights_per_thread_iter"] = per_thread
+        for k in ("loop_ptx", "loop_sass"):
+            if row.get(k):
+                row[k]["per_weight"] = row[k]["instructions"] / per_thread
+
+
+def _loop_cell(r, key):
+    d = r.get(key) or {}
+    if not d:
+        return "-"
+    return str(d["instructions"]) + (f" ({d['per_weight']:.2f}/w)" if "per_weight" in d else "")
+
+
 def print_table(rows):
     hdr = ["target", "kernel", "warps", "stages", "grid", "regs", "spill st B", "spill ld B",
-           "stack B", "smem B", "CTAs/SM", "ptxas notes"]
+           "stack B", "smem B", "CTAs/SM", "loop PTX", "loop SASS", "ptxas notes"]
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
@@ -338,7 +456,8 @@ def print_table(rows):
             r["target"], r["kernel"] + (f" (= {r['duplicate_of']})" if "duplicate_of" in r else ""),
             r["num_warps"], r["num_stages"], "x".join(map(str, r["grid"])), r["registers"],
             r["spill_stores"], r["spill_loads"], r["stack_frame"],
-            r["smem"] + r["static_smem"], r["ctas_per_sm_est"],
+            r["smem"] + r["static_smem"], r["ctas_per_sm_est"], _loop_cell(r, "loop_ptx"),
+            _loop_cell(r, "loop_sass"),
             " ".join(f"{c}x{n}" for c, n in sorted(r["ptxas_notes"].items())) or "-"]) + " |")
 
 

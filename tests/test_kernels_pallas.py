@@ -82,7 +82,8 @@ def test_every_kernel_configuration_lowers_for_cuda():
     targets = pallas_e8p.export_targets()
     # 3 codebooks x 3 shapes x batch 1 / 16 x bf16 / fp16
     assert len(targets) == 36
-    for name, fn, args in targets:
+    for name, fn, args, meta in targets:
+        assert meta["weights_per_iter"] > 0
         exp = jax.export.export(
             fn, platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

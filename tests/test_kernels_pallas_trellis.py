@@ -57,7 +57,8 @@ def test_every_configuration_lowers_for_cuda():
     targets = pallas_trellis.export_targets(shapes=((576, 1536),), batches=(1, 16),
                                             dtypes=(jnp.bfloat16,))
     assert len(targets) == len(pallas_trellis.CODEBOOKS) * 2
-    for name, fn, args in targets:
+    for name, fn, args, meta in targets:
+        assert meta["weights_per_iter"] > 0
         exp = jax.export.export(
             fn, platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

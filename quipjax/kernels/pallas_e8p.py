@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
 from quipjax.kernels import stage_table
-from quipjax.kernels.pallas_launch import split_k_call
+from quipjax.kernels.pallas_launch import fma, split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs",
            "ROW_MULTIPLE", "H100_SMS"]
@@ -166,8 +166,10 @@ def _e8p_signed_coords(c, tab_ref):
     return out, 1.0 - 2.0 * par.astype(jnp.float32)
 
 
-def _matvec_kernel(*refs, kind, bm, bk, nk, ks):
-    """refs: tab1, c1, [tab2, c2], xh (8, Kp) = x / 2, xs (Kp,) = sums of 8 -> o (1, BM)."""
+def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
+    """refs: tab1, c1, [tab2, c2], xh (8, Kp) = x / 2, xs (Kp,) = sums of 8 (float32) ->
+    o (1, BM). Each code's products are accumulated in place (one fused multiply-add per
+    weight) and the (BM, BK) partial sums reduced once, after the loop."""
     nst = 1 if kind is None else 2
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
     x_ref, xs_ref, o_ref = refs[2 * nst], refs[2 * nst + 1], refs[2 * nst + 2]
@@ -176,24 +178,25 @@ def _matvec_kernel(*refs, kind, bm, bk, nk, ks):
 
     def body(k, accs):
         col = k * bk
-        xs = [x_ref[i, pl.ds(col, bk)].astype(jnp.float32)[None, :] for i in range(8)]
+        xs = [jnp.broadcast_to(x_ref[i, pl.ds(col, bk)][None, :], (bm, bk)) for i in range(8)]
         new = []
         for st in range(nst):
             c = cs[st][pl.ds(row0, bm), pl.ds(col, bk)].astype(jnp.int32)
+            t = accs[st]
             if st == 1 and kind == "e81b":
                 packed = tabs[st][c]
                 w = [(((packed >> (4 * i)) & 15) - 8).astype(jnp.float32) for i in range(8)]
-                t = w[0] * xs[0]
             else:
                 w, sgn = _e8p_signed_coords(c, tabs[st])
-                t = sgn * (0.25 * xs_ref[pl.ds(col, bk)].astype(jnp.float32))[None, :] + w[0] * xs[0]
-            for i in range(1, 8):
-                t = t + w[i] * xs[i]
-            new.append(accs[st] + jnp.sum(t, axis=1))
+                xq = jnp.broadcast_to(0.25 * xs_ref[pl.ds(col, bk)][None, :], (bm, bk))
+                t = fma(sgn, xq, t, ptx)
+            for i in range(8):
+                t = fma(w[i], xs[i], t, ptx)
+            new.append(t)
         return tuple(new)
 
-    zero = jnp.zeros((bm,), jnp.float32)
-    accs = jax.lax.fori_loop(k0, k1, body, (zero,) * nst)
+    zero = jnp.zeros((bm, bk), jnp.float32)
+    accs = [jnp.sum(a, axis=1) for a in jax.lax.fori_loop(k0, k1, body, (zero,) * nst)]
     y = accs[0] if nst == 1 else accs[0] + accs[1] * (1.0 / _STAGES_SCALE[kind])
     o_ref[...] = y[None, :]
 
@@ -270,14 +273,14 @@ def _call(x8, arrays, codebook_name, shape, interpret):
         args += [arrays["tab2"], arrays["c2"]]
     if x8.ndim == 2:
         xf = x8.astype(jnp.float32)
-        args += [(0.5 * xf).astype(x8.dtype), xf.sum(0)]   # x / 2 is exact in any float dtype
+        args += [0.5 * xf, xf.sum(0)]           # float32: converted once, not per row block
     else:
         args.append(x8)
     mp = arrays["c1"].shape[0]
     grid = (mp // bm, s)
     params = dict(kind=kind, bm=bm, bk=bk, nk=cfg["nk"], ks=cfg["ks"])
     if x8.ndim == 2:
-        kern = functools.partial(_matvec_kernel, **params)
+        kern = functools.partial(_matvec_kernel, **params, ptx=not interpret)
         out_shape = jax.ShapeDtypeStruct((s, mp), jnp.float32)
         out_spec = pl.BlockSpec((1, bm), lambda i, j: (j, i))
     else:
@@ -310,7 +313,8 @@ def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape, *, interpret: 
 def export_targets(shapes=((576, 1536), (4096, 4096), (4096, 11008)),
                    batches=(1, 16), dtypes=(jnp.bfloat16, jnp.float16),
                    codebooks=tuple(_STAGES)) -> list:
-    """(name, jitted fn, example args) for every kernel configuration, for `jax.export` on cuda."""
+    """(name, jitted fn, example args, meta) for every kernel configuration, for `jax.export`
+    on cuda (meta: weights decoded per CTA per loop iteration, for experiments/kernel_ptx.py)."""
     out = []
     for cbn in codebooks:
         for (m, n) in shapes:
@@ -322,5 +326,7 @@ def export_targets(shapes=((576, 1536), (4096, 4096), (4096, 11008)),
                     x = jax.ShapeDtypeStruct((b, n), dt)
                     fn = jax.jit(functools.partial(matmul, codebook_name=cbn, shape=(m, n)))
                     name = f"{cbn}_{m}x{n}_b{b}_{jnp.dtype(dt).name}"
-                    out.append((name, fn, (x, arrays)))
+                    cfg = kernel_configs(m, n, b)
+                    out.append((name, fn, (x, arrays),
+                                {"weights_per_iter": cfg["bm"] * cfg["bk"] * 8}))
     return out

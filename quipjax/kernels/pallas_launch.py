@@ -1,12 +1,26 @@
-"""The launch the Pallas decode-matmul kernels share: a (row blocks, K splits) grid of
-programs over operands left in place (`pl.ANY`), each writing its split's partial sums; the
-splits are added by XLA."""
+"""What the Pallas decode-matmul kernels share: the launch, a (row blocks, K splits) grid of
+programs over operands left in place (`pl.ANY`), each writing its split's partial sums (the
+splits are added by XLA); and a float32 fused multiply-add."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["split_k_call"]
+__all__ = ["split_k_call", "fma"]
+
+
+def fma(a, b, c, ptx: bool):
+    """a * b + c, float32 arrays of one shape. ptx (compiling for a GPU): one inline
+    `fma.rn.f32`, since Triton emits a * b + c as mul.rn + add.rn, which ptxas may not
+    contract (two instructions per weight in a matvec); otherwise (the interpreter, which
+    cannot run inline PTX) a * b + c, one rounding more."""
+    if not ptx:
+        return a * b + c
+    return pltriton.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
 
 
 def split_k_call(kern, args, out_shape, out_spec, grid, cfg: dict, interpret: bool, name: str):

@@ -2,23 +2,28 @@
 
 A weight at (row R, column C) lies in the 16 x 16 tile (R // 16, C // 16), at position
 p = 16 (R % 16) + (C % 16) of the tile's sequence; it is component p % V of state p // V, whose
-L <= 17 bits start at bit b = (p // V) K V of the tile's stream of W = 16 K uint16 words
-(MSB first, wrapping; `codebooks.trellis.pack_states`). The kernel reads the 32-bit window of
-words b // 16 and b // 16 + 1 (mod W) with two pointer gathers, shifts out the state and
-decodes it by arithmetic (1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask,
-an xor and two float16 halves) or from the 2^Q x 2 table (HYB: a multiply, a gather, a sign
-flip). Everything that depends on the position in the tile (word offsets, shift, component) is
-the same in every K step, so the loop carries it; a step adds the tile's base address.
+L <= 17 bits start at bit (p // V) K V of the tile's stream of W = 16 K uint16 words (MSB
+first, wrapping; `codebooks.trellis.pack_states`). A tile row's 16 weights are 16 / V
+consecutive states starting on word (R % 16) K: one kernel element is one tile row of one
+tile. It reads that row's K + 1 words (the last wraps to word 0 in row 15), joins them into K
+32-bit pairs and takes each state with a static shift and a mask, then decodes it by
+arithmetic (1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and
+two float16 halves) or from the 2^Q x 2 table (HYB: a multiply, a gather of both
+components, a sign flip). The activations are column-permuted outside the kernel
+(x[16 t + c] at [c, t]) so that the 16 weights of an element meet 16 contiguous slices.
 
 Kernel layout (`prepare`): the codes (m / 16, n / 16, W) uint16 flattened to one vector,
-tile rows padded to a multiple of BM / 16 and tile columns to a multiple of BK / 16 (padded
-tiles: code 0, cut from y or meeting zero activations); the HYB table flattened (2^Q * 2,)
-float32 (the tuned one when given).
+tile rows padded to a multiple of the row block and tile columns to a multiple of 16
+(padded tiles: code 0, cut from y or meeting zero activations); the HYB table flattened
+(2^Q * 2,) float32 (the tuned one when given).
 
-Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: decoded weights times x on the
-CUDA cores, float32) and the small batch (2..16; larger batches in chunks of 16: the decoded
-(BM, BK) tile cast to the activation dtype, one `dot` with the (NB, BK) activations, float32
-accumulation). Block shapes: BM = 32 rows, BK = 64 columns (4 tiles) per step for both.
+Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (128 rows, 4 tiles) per step,
+float32 products accumulated per element on the CUDA cores with one `fma.rn.f32` each,
+summed once at the end) and the small batch (2..16; larger batches in chunks of 16:
+(64 rows, 16 tiles) per step, the decoded weights of tile column c cast to the activation
+dtype and multiplied by a `dot` with that column's (NB, 16) activations, float32
+accumulation). The inline `fma.rn.f32` is the one part the interpreter cannot run: there the
+kernel computes a * b + c (BUILD_NOTES.md, "GPU kernels for the trellis codes").
 """
 from __future__ import annotations
 
@@ -32,12 +37,14 @@ from jax.experimental import pallas as pl
 
 from quipjax import codebooks
 from quipjax.kernels import TRELLIS_CODEBOOKS
-from quipjax.kernels.pallas_launch import split_k_call
+from quipjax.kernels.pallas_launch import fma, split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 
 CODEBOOKS = TRELLIS_CODEBOOKS       # the registry's trellis codebooks
-_BM, _BK = 32, 64
+_BM_VEC, _BM_BATCH = 128, 64   # rows per program (prepare pads rows to the larger)
+_WARPS_BATCH = {"1MAD": 4, "3INST": 4, "HYB": 8}   # HYB at 4 warps spills
+_BT_VEC, _BT_BATCH = 4, 16      # tile columns per step (the batch kernel's dot needs >= 16)
 _MAX_BATCH = 16
 H100_SMS = 132
 
@@ -49,16 +56,20 @@ def _trellis(name):
     return codebooks.get(name).trellis
 
 
-def kernel_configs(m: int, n: int, batch: int) -> dict:
-    """The static launch parameters for an (m, n) matrix at this batch size."""
-    mp = -(-m // _BM) * _BM
-    kp = -(-n // _BK) * _BK
-    nk = kp // _BK
-    s = max(1, min(nk, math.ceil(2 * H100_SMS / (mp // _BM))))
+def kernel_configs(m: int, n: int, batch: int, code: str = "3INST") -> dict:
+    """The static launch parameters for an (m, n) matrix at this batch size (bk = 16 bt
+    columns per step)."""
+    vec = batch == 1
+    bm, bt = (_BM_VEC, _BT_VEC) if vec else (_BM_BATCH, _BT_BATCH)
+    mp = -(-m // bm) * bm
+    kp = -(-n // (16 * bt)) * 16 * bt
+    nk = kp // (16 * bt)
+    s = max(1, min(nk, math.ceil(2 * H100_SMS / (mp // bm))))
     ks = -(-nk // s)
     s = -(-nk // ks)
-    return dict(kind="matvec" if batch == 1 else "batch", bm=_BM, bk=_BK, mp=mp, kp=kp,
-                nk=nk, splits=s, ks=ks, num_warps=4, num_stages=2)
+    return dict(kind="matvec" if vec else "batch", bm=bm, bt=bt, bk=16 * bt, mp=mp, kp=kp,
+                nk=nk, splits=s, ks=ks, num_warps=4 if vec else _WARPS_BATCH[code],
+                num_stages=2)
 
 
 def prepare(codes: jax.Array, codebook_name: str) -> dict:
@@ -66,8 +77,9 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
     tr = _trellis(codebook_name)
     codes = jnp.asarray(codes, jnp.uint16)
     rt, ct, w = codes.shape
-    rp = -(-rt * 16 // _BM) * _BM // 16
-    cp = -(-ct * 16 // _BK) * _BK // 16
+    bm = max(_BM_VEC, _BM_BATCH)
+    rp = -(-rt * 16 // bm) * bm // 16
+    cp = -(-ct // _BT_BATCH) * _BT_BATCH           # a multiple of both kernels' steps
     codes = jnp.pad(codes, ((0, rp - rt), (0, cp - ct), (0, 0)))
     out = {"codes": codes.reshape(-1)}
     if tr.code == "HYB":
@@ -75,54 +87,49 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
     return out
 
 
-def _positions(tr, bm, bk):
-    """Loop invariants of a (BM, BK) block (BM, BK multiples of 16): tile-local word offsets
-    of the window's two words, the shift that brings the state down, the component."""
-    R = jax.lax.broadcasted_iota(jnp.int32, (bm, bk), 0)
-    C = jax.lax.broadcasted_iota(jnp.int32, (bm, bk), 1)
-    p = (R % 16) * 16 + (C % 16)
-    bit = (p // tr.V) * tr.KV
+def _row_invariants(tr, bm, bt):
+    """Loop invariants of a (BM rows, BT tile columns) block: for each of the K + 1 words a
+    tile row reads, its tile-local offset (the last one wraps to word 0 in row 15) plus the
+    element's tile offset inside the block, in words."""
+    R = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 0)
+    t = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 1)
     W = tr.T * tr.K // 16
-    w0 = bit // 16
-    w1 = (w0 + 1) % W
-    shift = (32 - tr.L - bit % 16).astype(jnp.uint32)
-    # tile offsets inside the block: row tiles R // 16 (times the row stride, added per call),
-    # column tiles C // 16
-    return R // 16, C // 16, w0, w1, shift, p % tr.V
+    start = (R % 16) * tr.K                  # a tile row starts on a word: 16 K bits per row
+    return R // 16, t * W, [(start + i) % W for i in range(tr.K + 1)]
 
 
-def _decode(tr, state, comp, table_ref):
-    """state (BM, BK) uint32 -> float32 values of the code."""
+def _row_values(tr, words, table_ref):
+    """words: K + 1 (BM, BT) uint32 arrays (a tile row's stream, MSB first) -> 16 (BM, BT)
+    float32 arrays, the row's weights at tile columns 0..15. State j of the row starts at bit
+    j K V: the shifts are static, so a state costs a shift and a mask."""
+    pairs = [(words[a] << 16) | words[a + 1] for a in range(tr.K)]
+    mask = jnp.uint32((1 << tr.L) - 1)
+    out = []
+    for j in range(16 // tr.V):
+        o = j * tr.KV
+        state = (pairs[o // 16] >> (32 - tr.L - o % 16)) & mask
+        out.extend(_decode(tr, state, table_ref))
+    return out
+
+
+def _decode(tr, state, table_ref):
+    """state (BM, BT) uint32 -> the V float32 values of the code."""
     if tr.code == "1MAD":
         x = state * jnp.uint32(34038481) + jnp.uint32(76625530)
         s = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + (x >> 24)
-        return (s.astype(jnp.int32) - 510).astype(jnp.float32) * (1.0 / 147.800537109375)
+        return [(s.astype(jnp.int32) - 510).astype(jnp.float32) * (1.0 / 147.800537109375)]
     if tr.code == "3INST":
         x = state * jnp.uint32(89226354) + jnp.uint32(64248484)
         mask16 = (1 << 15) + (1 << 12) - 1
         r = (x & jnp.uint32((mask16 << 16) + mask16)) ^ jnp.uint32(996162400)
         hi = jax.lax.bitcast_convert_type((r >> 16).astype(jnp.uint16), jnp.float16)
-        lo = jax.lax.bitcast_convert_type((r & 0xFFFF).astype(jnp.uint16), jnp.float16)
-        return hi.astype(jnp.float32) + lo.astype(jnp.float32)
-    # HYB
+        lo = jax.lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.float16)    # truncates
+        return [hi.astype(jnp.float32) + lo.astype(jnp.float32)]
+    # HYB: a hashed row of the (2^Q, 2) table, the first component's sign from bit 15
     h = state * (state + jnp.uint32(1))
-    idx = ((h >> (15 - tr.Q)) & ((1 << tr.Q) - 1)).astype(jnp.int32)
-    v = table_ref[idx * 2 + comp]
-    flip = (comp == 0) & (((h >> 15) & 1) == 1)
-    return jnp.where(flip, -v, v)
-
-
-def _weights(tr, codes_ref, table_ref, inv, row_tile0, col_tile0, ct):
-    """The decoded (BM, BK) block whose first tile is (row_tile0, col_tile0); ct: tile
-    columns of the (padded) matrix."""
-    rt, ctl, w0, w1, shift, comp = inv
-    W = tr.T * tr.K // 16
-    base = ((row_tile0 + rt) * ct + col_tile0 + ctl) * W
-    hi = codes_ref[base + w0].astype(jnp.uint32)
-    lo = codes_ref[base + w1].astype(jnp.uint32)
-    window = (hi << 16) | lo
-    state = (window >> shift) & jnp.uint32((1 << tr.L) - 1)
-    return _decode(tr, state, comp, table_ref)
+    idx = ((h >> (15 - tr.Q)) & ((1 << tr.Q) - 1)).astype(jnp.int32) * 2
+    v0, v1 = table_ref[idx], table_ref[idx + 1]
+    return [jnp.where(((h >> 15) & 1) == 1, -v0, v0), v1]
 
 
 def _k_range(nk, ks):
@@ -130,50 +137,69 @@ def _k_range(nk, ks):
     return s * ks, jnp.minimum((s + 1) * ks, nk)
 
 
-def _kernel(*refs, tr, bm, bk, nk, ks, ct, batch):
-    """refs: codes, [table], x -> o. Matvec: x (Kp,), o (1, BM) (float32 products on the CUDA
-    cores); batch: x (NB, Kp), o (1, BM, NB) (a `dot` in x's dtype, float32 accumulation)."""
+def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
+    """refs: codes, [table], x -> o. x is column-permuted: x[c, t] = x_orig[16 t + c] (matvec:
+    (16, Kp / 16); batch: (16, NB, Kp / 16)). Matvec: o (1, BM), float32 products on the CUDA
+    cores accumulated per element, summed once; batch: o (1, BM, NB), one `dot` per tile
+    column c in x's dtype, float32 accumulation."""
     codes_ref, table_ref = refs[0], (refs[1] if tr.code == "HYB" else None)
     x_ref, o_ref = refs[-2], refs[-1]
-    row_tile0 = pl.program_id(0) * (bm // 16)
+    W = tr.T * tr.K // 16
+    rt, tile, offs = _row_invariants(tr, bm, bt)
+    row_base = (pl.program_id(0) * (bm // 16) + rt) * (ct * W) + tile
+    addrs = [row_base + o for o in offs]
     k0, k1 = _k_range(nk, ks)
-    inv = _positions(tr, bm, bk)
     xdt = x_ref.dtype
     prec = jax.lax.Precision.HIGHEST if xdt == jnp.float32 else None
 
     def body(k, acc):
-        w = _weights(tr, codes_ref, table_ref, inv, row_tile0, k * (bk // 16), ct)
-        if not batch:
-            x = x_ref[pl.ds(k * bk, bk)].astype(jnp.float32)
-            return acc + jnp.sum(w * x[None, :], axis=1)
-        x = x_ref[:, pl.ds(k * bk, bk)]                                    # (NB, BK)
-        return acc + jax.lax.dot_general(w.astype(xdt), x, (((1,), (1,)), ((), ())),
-                                         precision=prec, preferred_element_type=jnp.float32)
+        step = k * (bt * W)
+        words = [codes_ref[a + step].astype(jnp.uint32) for a in addrs]
+        vals = _row_values(tr, words, table_ref)
+        cols = pl.ds(k * bt, bt)
+        for c, v in enumerate(vals):
+            if not batch:
+                xc = jnp.broadcast_to(x_ref[c, cols][None, :], (bm, bt))
+                acc = fma(v, xc, acc, ptx)
+            else:
+                acc = acc + jax.lax.dot_general(
+                    v.astype(xdt), x_ref[c, :, cols], (((1,), (1,)), ((), ())),
+                    precision=prec, preferred_element_type=jnp.float32)
+        return acc
 
-    shape = (bm, x_ref.shape[0]) if batch else (bm,)
+    shape = (bm, x_ref.shape[1]) if batch else (bm, bt)
     acc = jax.lax.fori_loop(k0, k1, body, jnp.zeros(shape, jnp.float32))
-    o_ref[...] = acc[None]
+    o_ref[...] = (acc if batch else jnp.sum(acc, axis=1))[None]
 
 
 def _call(x, arrays, name, shape, interpret):
-    """x: (Kp,) (matvec) or (NB, Kp) -> (Mp,) or (Mp, NB) float32."""
+    """x: column-permuted (16, Kp / 16) (matvec) or (16, NB, Kp / 16) -> (Mp,) or (Mp, NB)
+    float32."""
     m, n = shape
     tr = _trellis(name)
-    cfg = kernel_configs(m, n, 1 if x.ndim == 1 else max(x.shape[0], 2))
-    bm, bk, s = cfg["bm"], cfg["bk"], cfg["splits"]
-    mp, kp = cfg["mp"], cfg["kp"]
+    batch = x.ndim == 3
+    cfg = kernel_configs(m, n, max(x.shape[1], 2) if batch else 1, tr.code)
+    bm, s, mp = cfg["bm"], cfg["splits"], cfg["mp"]
     table = [arrays["table"].reshape(-1)] if tr.code == "HYB" else []     # a tuned one: 2-D
     args = [arrays["codes"]] + table + [x]
-    params = dict(tr=tr, bm=bm, bk=bk, nk=cfg["nk"], ks=cfg["ks"], ct=kp // 16)
-    kern = functools.partial(_kernel, **params, batch=x.ndim == 2)
-    if x.ndim == 1:
+    params = dict(tr=tr, bm=bm, bt=cfg["bt"], nk=cfg["nk"], ks=cfg["ks"],
+                  ct=-(-n // (16 * _BT_BATCH)) * _BT_BATCH)     # tile columns of `prepare`
+    kern = functools.partial(_kernel, **params, batch=batch, ptx=not interpret)
+    if not batch:
         out_shape = jax.ShapeDtypeStruct((s, mp), jnp.float32)
         out_spec = pl.BlockSpec((1, bm), lambda i, j: (j, i))
     else:
-        out_shape = jax.ShapeDtypeStruct((s, mp, x.shape[0]), jnp.float32)
-        out_spec = pl.BlockSpec((1, bm, x.shape[0]), lambda i, j: (j, i, 0))
+        out_shape = jax.ShapeDtypeStruct((s, mp, x.shape[1]), jnp.float32)
+        out_spec = pl.BlockSpec((1, bm, x.shape[1]), lambda i, j: (j, i, 0))
     return split_k_call(kern, args, out_shape, out_spec, (mp // bm, s), cfg, interpret,
                         f"trellis_{cfg['kind']}_{name}")
+
+
+def _permute_columns(x):
+    """(..., Kp) -> (16, ..., Kp / 16): x[..., 16 t + c] at [c, ..., t], so that the kernels
+    read the activations of tile column c of a step as one contiguous slice."""
+    xt = x.reshape(x.shape[:-1] + (x.shape[-1] // 16, 16))
+    return jnp.moveaxis(xt, -1, 0)
 
 
 def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape, *, interpret: bool = False):
@@ -182,21 +208,25 @@ def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape, *, interpret: 
     m, n = shape
     lead = x.shape[:-1]
     b = math.prod(lead)
-    kp = kernel_configs(m, n, 1)["kp"]
     xdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-    xf = jnp.pad(jnp.asarray(x, xdt).reshape(b, n), ((0, 0), (0, kp - n)))
-    if b == 1:
-        return _call(xf[0], arrays, codebook_name, shape, interpret)[:m].reshape(lead + (m,))
+    xf = jnp.asarray(x, xdt).reshape(b, n)
+    if b == 1:                           # the matvec multiplies in float32: convert x once
+        kp = kernel_configs(m, n, 1)["kp"]
+        xp = _permute_columns(jnp.pad(xf[0].astype(jnp.float32), (0, kp - n)))
+        return _call(xp, arrays, codebook_name, shape, interpret)[:m].reshape(lead + (m,))
+    kp = kernel_configs(m, n, 2)["kp"]
     nb = _MAX_BATCH if b > _MAX_BATCH else max(2, 1 << (b - 1).bit_length())
-    xf = jnp.pad(xf, ((0, -b % nb), (0, 0))).reshape(-1, nb, kp)
-    ys = jax.lax.map(lambda c: _call(c, arrays, codebook_name, shape, interpret), xf)
+    xf = jnp.pad(xf, ((0, -b % nb), (0, kp - n))).reshape(-1, nb, kp)
+    ys = jax.lax.map(lambda c: _call(_permute_columns(c), arrays, codebook_name, shape,
+                                     interpret), xf)
     y = ys.transpose(0, 2, 1).reshape(-1, ys.shape[1])[:b, :m]
     return y.reshape(lead + (m,))
 
 
 def export_targets(shapes=((576, 1536), (4096, 4096)), batches=(1, 16),
                    dtypes=(jnp.bfloat16, jnp.float16), names=CODEBOOKS) -> list:
-    """(name, jitted fn, example args) for every kernel configuration, for `jax.export` on cuda."""
+    """(name, jitted fn, example args, meta) for every kernel configuration, for `jax.export`
+    on cuda (meta: weights decoded per CTA per loop iteration, for experiments/kernel_ptx.py)."""
     out = []
     for cbn in names:
         cb = codebooks.get(cbn)
@@ -207,6 +237,7 @@ def export_targets(shapes=((576, 1536), (4096, 4096)), batches=(1, 16),
                 for dt in dtypes:
                     x = jax.ShapeDtypeStruct((b, n), dt)
                     fn = jax.jit(functools.partial(matmul, codebook_name=cbn, shape=(m, n)))
+                    cfg = kernel_configs(m, n, b, cb.trellis.code)
                     out.append((f"trellis_{cbn}_{m}x{n}_b{b}_{np.dtype(dt).name}", fn,
-                                (x, arrays)))
+                                (x, arrays), {"weights_per_iter": cfg["bm"] * cfg["bk"]}))
     return out
