@@ -60,6 +60,7 @@ import numpy as np
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
 from quipjax.kernels import stage_table
+from quipjax.kernels.xla_bands import map_row_bands
 
 
 __all__ = ["prepare", "matmul", "bits_per_weight"]
@@ -157,20 +158,7 @@ def _tiled(x, p, codebook_name):
         def tile_out(t):
             return jnp.dot(_rvq_weights(t, kind, scale), xt, precision=jax.lax.Precision.HIGHEST)
 
-    T = _tile_rows(m, n)
-    nt = m // T
-    out = []
-    if nt > 1:
-        def body(i, acc):
-            t = jax.lax.dynamic_slice_in_dim(p, i * T, T, 0)
-            return jax.lax.dynamic_update_slice_in_dim(acc, tile_out(t), i * T, 0)
-        acc = jax.lax.fori_loop(0, nt, body, jnp.zeros((nt * T, bsz), jnp.float32))
-        out.append(acc)
-    elif nt == 1:
-        out.append(tile_out(p[:T]))
-    if nt * T < m:
-        out.append(tile_out(p[nt * T:]))
-    y = out[0] if len(out) == 1 else jnp.concatenate(out, 0)
+    y = map_row_bands(tile_out, p, m, _tile_rows(m, n), 1, bsz)
     return y.T
 
 

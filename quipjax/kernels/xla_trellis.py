@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from quipjax import codebooks
 from quipjax.kernels import TRELLIS_CODEBOOKS
+from quipjax.kernels.xla_bands import map_row_bands
 
 __all__ = ["prepare", "matmul", "band_rows", "CODEBOOKS"]
 
@@ -53,16 +54,5 @@ def matmul(x: jax.Array, arrays: dict, codebook_name: str, shape) -> jax.Array:
         r = c.shape[0] * 16
         return jnp.dot(cb.decode_matrix(c, r, n, table), xt, precision=jax.lax.Precision.HIGHEST)
 
-    nb = m // R
-    parts = []
-    if nb > 1:
-        def body(i, acc):
-            c = jax.lax.dynamic_slice_in_dim(codes, i * (R // 16), R // 16, 0)
-            return jax.lax.dynamic_update_slice_in_dim(acc, band(c), i * R, 0)
-        parts.append(jax.lax.fori_loop(0, nb, body, jnp.zeros((nb * R, xt.shape[1]), jnp.float32)))
-    elif nb == 1:
-        parts.append(band(codes[:R // 16]))
-    if nb * R < m:
-        parts.append(band(codes[nb * R // 16:]))
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, 0)
+    y = map_row_bands(band, codes, m, R, 16, xt.shape[1])
     return y.T.reshape(lead + (m,))
