@@ -53,7 +53,11 @@ def _trellis(name):
     if name not in CODEBOOKS:
         raise ValueError(f"pallas_trellis: {name!r} is not a trellis codebook; have "
                          f"{', '.join(CODEBOOKS)}")
-    return codebooks.get(name).trellis
+    tr = codebooks.get(name).trellis
+    if tr.L > 17:           # a state must fit the 32-bit pair of the words holding it
+        raise ValueError(f"pallas_trellis: {name!r} has L = {tr.L} > 17 state bits; use "
+                         "backend='xla'")
+    return tr
 
 
 def kernel_configs(m: int, n: int, batch: int, code: str = "3INST") -> dict:
@@ -88,9 +92,10 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
 
 
 def _row_invariants(tr, bm, bt):
-    """Loop invariants of a (BM rows, BT tile columns) block: for each of the K + 1 words a
-    tile row reads, its tile-local offset (the last one wraps to word 0 in row 15) plus the
-    element's tile offset inside the block, in words."""
+    """Loop invariants of a (BM rows, BT tile columns) block, (BM, BT) int32 each: the
+    element's row tile inside the block, its tile's word offset t W, and for each of the K + 1
+    words its tile row reads, the word's offset inside the tile (the last wraps to word 0 in
+    row 15)."""
     R = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 0)
     t = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 1)
     W = tr.T * tr.K // 16
