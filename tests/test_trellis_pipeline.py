@@ -1,6 +1,8 @@
 """The trellis codebooks through the whole pipeline: quantize, resume, reload, fine-tune."""
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,8 @@ from quipjax.pipeline.run import quantize_model
 from quipjax.pipeline.settings import BlockTuneSettings, E2ESettings, QuantSettings, RunConfig
 
 from helpers import TINY as SPEC, make_hf_folder, needs_text, quantized_in_memory
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @needs_text
@@ -81,6 +85,16 @@ def test_trellis_run_resumes_reloads_and_tunes(tmp_path, monkeypatch, run_killed
     dense = build_model(cfg_c.output_dir, linears="dequantized", dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(evaluate.forward_logits(by_codes, tok)),
                                np.asarray(evaluate.forward_logits(dense, tok)), atol=1e-4)
+
+    # experiments/proxy_table.py reads the per-layer records of both runs side by side
+    p = subprocess.run([sys.executable, os.path.join(HERE, "..", "experiments", "proxy_table.py"),
+                        f"--runs={cfg.output_dir},{cfg_c.output_dir}", "--layers=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    pa, pc = ckpt.layer_info(cfg.output_dir, 1)["proxy"], ckpt.layer_info(cfg_c.output_dir, 1)["proxy"]
+    for g in pa:
+        assert (f"| 1 | {g} | {pa[g]:.5f} | {pc[g]:.5f} ({pc[g] / pa[g]:.2f}x) |"
+                in p.stdout.splitlines()), p.stdout
 
 
 def test_train_table_needs_a_table():
