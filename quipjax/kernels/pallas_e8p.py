@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
 from quipjax.kernels import stage_table
-from quipjax.kernels.pallas_launch import fma, split_k_call
+from quipjax.kernels.pallas_launch import fma, k_range, split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs",
            "ROW_MULTIPLE", "H100_SMS"]
@@ -146,11 +146,6 @@ def _stage_coords(kind, c, tab_ref):
     return _e81b_coords(c, tab_ref) if kind == "e81b" else _e8p_coords(c, tab_ref)
 
 
-def _k_range(nk, ks):
-    s = pl.program_id(1)
-    return s * ks, jnp.minimum((s + 1) * ks, nk)
-
-
 def _e8p_signed_coords(c, tab_ref):
     """c (BM, BK) int32 E8P codes -> (8 float32 tiles 2 s_i p_i (integers), shift sign +-1).
 
@@ -174,7 +169,7 @@ def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
     x_ref, xs_ref, o_ref = refs[2 * nst], refs[2 * nst + 1], refs[2 * nst + 2]
     row0 = pl.program_id(0) * bm
-    k0, k1 = _k_range(nk, ks)
+    k0, k1 = k_range(nk, ks)
 
     def body(k, accs):
         col = k * bk
@@ -207,7 +202,7 @@ def _batch_kernel(*refs, kind, bm, bk, nk, ks):
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
     x_ref, o_ref = refs[2 * nst], refs[2 * nst + 1]
     row0 = pl.program_id(0) * bm
-    k0, k1 = _k_range(nk, ks)
+    k0, k1 = k_range(nk, ks)
     nb = x_ref.shape[1]
     xdt = x_ref.dtype
     prec = jax.lax.Precision.HIGHEST if xdt == jnp.float32 else None

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["split_k_call", "fma"]
+__all__ = ["split_k_call", "fma", "k_range"]
+
+
+def k_range(nk: int, ks: int):
+    """The K steps [k0, k1) of this program's split (grid axis 1): ks steps each, the last
+    split cut at nk."""
+    s = pl.program_id(1)
+    return s * ks, jnp.minimum((s + 1) * ks, nk)
 
 
 def fma(a, b, c, ptx: bool):

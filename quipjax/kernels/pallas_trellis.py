@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from quipjax import codebooks
 from quipjax.kernels import TRELLIS_CODEBOOKS
-from quipjax.kernels.pallas_launch import fma, split_k_call
+from quipjax.kernels.pallas_launch import fma, k_range, split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 
@@ -137,11 +137,6 @@ def _decode(tr, state, table_ref):
     return [jnp.where(((h >> 15) & 1) == 1, -v0, v0), v1]
 
 
-def _k_range(nk, ks):
-    s = pl.program_id(1)
-    return s * ks, jnp.minimum((s + 1) * ks, nk)
-
-
 def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
     """refs: codes, [table], x -> o. x is column-permuted: x[c, t] = x_orig[16 t + c] (matvec:
     (16, Kp / 16); batch: (16, NB, Kp / 16)). Matvec: o (1, BM), float32 products on the CUDA
@@ -153,7 +148,7 @@ def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
     rt, tile, offs = _row_invariants(tr, bm, bt)
     row_base = (pl.program_id(0) * (bm // 16) + rt) * (ct * W) + tile
     addrs = [row_base + o for o in offs]
-    k0, k1 = _k_range(nk, ks)
+    k0, k1 = k_range(nk, ks)
     xdt = x_ref.dtype
     prec = jax.lax.Precision.HIGHEST if xdt == jnp.float32 else None
 
