@@ -59,3 +59,22 @@ def test_plan_script_prints_the_source_of_its_costs():
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"measured on {MEASURED_ON}" in p.stdout
     assert "| Hessian collection |" in p.stdout
+
+
+@pytest.mark.parametrize("codebook,tile_s", [("HYB2", 0.0091), ("3INST4", 0.0160)])
+def test_trellis_search_is_in_the_quantize_estimate(codebook, tile_s):
+    """The trellis codes add their Viterbi search: (tiles of every group's matrix) x (seconds
+    per tile) x (rounds of D matrices), on top of E8P12's stage time, counted here by hand."""
+    import dataclasses
+    spec, _ = read_spec(os.path.join(CONFIGS, "llama2_7b.json"))
+    base = _paper_config()
+    trellis = dataclasses.replace(
+        base, settings=dataclasses.replace(base.settings, codebook=codebook))
+    mesh = {"data": 8, "model": 1}
+    e8p = plan(spec, mesh, PlanCosts.builtin(), base)[1]
+    got = plan(spec, mesh, PlanCosts.builtin(), trellis)[1]
+    d, f = spec.hidden_size, spec.intermediate_size
+    weights = 3 * d * d + d * d + 2 * f * d + d * f        # qkv, o, up, down of Llama-2-7B
+    want = 4 * weights / 256 * tile_s                      # 32 layers on 8 devices: 4 rounds
+    assert got["seconds"] - e8p["seconds"] == pytest.approx(want, rel=1e-9)
+    assert f"{codebook} Viterbi search" in got["notes"]

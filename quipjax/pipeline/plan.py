@@ -45,6 +45,10 @@ MEASURED = [
      "params": 855638016, "hessian_step_s": 24.34, "forward_s": 4.72, "peak_rss_mb": 16706,
      "source": MEASURED_ON},
 ]
+# Tail-biting Viterbi search (both passes) per 256-weight tile at L = 16, one device:
+# experiments/bench_trellis.py --samples=1000000 --speed_tiles=64 --chunk=32 (BUILD_NOTES.md,
+# issue 16). The step costs O(2^L) whatever K, so one figure per code serves K = 2, 3, 4.
+TRELLIS_TILE_S = {"1MAD": 0.0119, "3INST": 0.0160, "HYB": 0.0091}
 GB = 1024 ** 3
 
 
@@ -262,11 +266,22 @@ def _quantize_stage(s: _Setup) -> dict:
         detail.append(f"{g} {m}x{n}: {c['total_s']:.1f} s/matrix x {rounds} rounds")
     host = max(D * (m * n + n * n) * 4 for m, n in _group_shapes(s.spec).values())
     qs = s.cfg.settings
-    if codebooks.get(qs.codebook).search == "tail-biting" or qs.rvq_beam > 1:
+    cb = codebooks.get(qs.codebook)
+    if cb.search == "tail-biting":
+        tile_s = TRELLIS_TILE_S.get(cb.trellis.code)
+        if tile_s is None:
+            detail.append(f"{qs.codebook}: no measured search cost, not in this estimate")
+        else:
+            search = 0.0
+            for m, n in _group_shapes(s.spec).values():
+                search += math.ceil(L / D) * m * n / 256 * tile_s * 2 ** (cb.trellis.L - 16)
+            secs += search
+            detail.append(f"{qs.codebook} Viterbi search {search:.0f} s ({tile_s * 1e3:.1f} ms "
+                          f"per 256-weight tile at L = 16, experiments/bench_trellis.py)")
+    elif qs.rvq_beam > 1:
         # the measured costs are E8P12's; say so rather than underestimate silently
-        detail.append(f"rounding timed for E8P12: {qs.codebook}"
-                      f"{f' with --rvq_beam={qs.rvq_beam}' if qs.rvq_beam > 1 else ''} searches "
-                      "several times longer (BUILD_NOTES.md), not in this estimate")
+        detail.append(f"rounding timed for E8P12: {qs.codebook} with --rvq_beam={qs.rvq_beam} "
+                      "searches several times longer (BUILD_NOTES.md), not in this estimate")
     return dict(name="quantization (no FT)", memory={"one matrix (W, H, Hr, L, temps)": mem_q},
                 seconds=secs / s.speedup,
                 notes="; ".join(detail) + f"; {L} layers x 4 groups, {D} at a time; host RAM "
