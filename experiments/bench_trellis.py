@@ -37,7 +37,7 @@ flags.DEFINE_integer("L", 16, "Trellis state bits.")
 flags.DEFINE_list("scales", ["0.9", "1.0", "1.1"], "Input scales, as multiples of the std of "
                   "the code's values over all states.")
 flags.DEFINE_integer("speed_tiles", 64, "Tiles per timed search call.")
-flags.DEFINE_integer("chunk", 32, "Sequences per Viterbi batch.")
+flags.DEFINE_integer("chunk", None, "Sequences per Viterbi batch (default: trellis.default_chunk).")
 flags.DEFINE_list("proxy_codebooks", [], "Codebooks for the proxy-loss comparison, e.g. "
                   "E8P12,1MAD2,3INST2,HYB2 (empty: skip it).")
 flags.DEFINE_string("proxy_shape", "128x256", "m x n of the proxy-loss weight.")

@@ -9,7 +9,8 @@ import pytest
 
 from absl import flags
 
-from quipjax.pipeline.plan import MEASURED, MEASURED_ON, PlanCosts, plan, read_spec
+from quipjax.pipeline.plan import (MEASURED, MEASURED_ON, RVQ_BEAM_WEIGHT_S, TRELLIS_TILE_S,
+                                   PlanCosts, plan, read_spec)
 from quipjax.pipeline.settings import RunConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,10 +62,13 @@ def test_plan_script_prints_the_source_of_its_costs():
     assert "| Hessian collection |" in p.stdout
 
 
-@pytest.mark.parametrize("codebook,tile_s", [("HYB2", 0.0091), ("3INST4", 0.0160)])
-def test_trellis_search_is_in_the_quantize_estimate(codebook, tile_s):
+@pytest.mark.parametrize("codebook,key", [("HYB2", ("HYB", 2)), ("HYB4", ("HYB", 4)),
+                                         ("3INST4", ("3INST", 4))])
+def test_trellis_search_is_in_the_quantize_estimate(codebook, key):
     """The trellis codes add their Viterbi search: (tiles of every group's matrix) x (seconds
-    per tile) x (rounds of D matrices), on top of E8P12's stage time, counted here by hand."""
+    per tile of that code at that K) x (rounds of D matrices), on top of E8P12's stage time,
+    counted here by hand."""
+    tile_s = TRELLIS_TILE_S[key]
     import dataclasses
     spec, _ = read_spec(os.path.join(CONFIGS, "llama2_7b.json"))
     base = _paper_config()
@@ -78,3 +82,26 @@ def test_trellis_search_is_in_the_quantize_estimate(codebook, tile_s):
     want = 4 * weights / 256 * tile_s                      # 32 layers on 8 devices: 4 rounds
     assert got["seconds"] - e8p["seconds"] == pytest.approx(want, rel=1e-9)
     assert f"{codebook} Viterbi search" in got["notes"]
+
+
+@pytest.mark.parametrize("codebook,beam", [("E8P12RVQ4B", 4), ("E8P12RVQ3B", 16)])
+def test_rvq_beam_search_is_in_the_quantize_estimate(codebook, beam):
+    """--rvq_beam adds its measured per-weight search time over every group's weights and
+    rounds of D matrices (counted by hand); an unmeasured beam is named, not estimated."""
+    import dataclasses
+    spec, _ = read_spec(os.path.join(CONFIGS, "llama2_7b.json"))
+    base = _paper_config()
+
+    def with_beam(b):
+        return dataclasses.replace(base, settings=dataclasses.replace(
+            base.settings, codebook=codebook, rvq_beam=b))
+    mesh = {"data": 8, "model": 1}
+    greedy = plan(spec, mesh, PlanCosts.builtin(), with_beam(1))[1]
+    got = plan(spec, mesh, PlanCosts.builtin(), with_beam(beam))[1]
+    d, f = spec.hidden_size, spec.intermediate_size
+    weights = 3 * d * d + d * d + 2 * f * d + d * f
+    want = 4 * weights * RVQ_BEAM_WEIGHT_S[(codebook, beam)]
+    assert got["seconds"] - greedy["seconds"] == pytest.approx(want, rel=1e-9)
+    assert f"beam {beam} search" in got["notes"]
+    other = plan(spec, mesh, PlanCosts.builtin(), with_beam(5))[1]
+    assert other["seconds"] == greedy["seconds"] and "not in this estimate" in other["notes"]

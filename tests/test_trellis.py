@@ -83,7 +83,10 @@ def cost_of(x, tr, values, states):
     return float(np.sum((values[np.asarray(states)] - x.reshape(-1, tr.V)) ** 2))
 
 
-@pytest.mark.parametrize("L,K,V,T", [(6, 1, 1, 8), (6, 1, 2, 8), (5, 2, 1, 6)])
+# KV = K V new bits per step: 1-4 take the argmin reduce, 5, 6 and 8 (HYB3 / HYB4 at L = 16)
+# the min-then-first-index path of `_viterbi_core`
+@pytest.mark.parametrize("L,K,V,T", [(6, 1, 1, 8), (6, 1, 2, 8), (5, 2, 1, 6), (6, 5, 1, 3),
+                                     (7, 3, 2, 4), (9, 4, 2, 4)])
 def test_viterbi_equals_brute_force_path_for_path(L, K, V, T):
     """A random table (no ties): the Viterbi path is the brute-force path, free and with
     every overlap value."""
@@ -104,6 +107,42 @@ def test_viterbi_equals_brute_force_path_for_path(L, K, V, T):
     for o in range(n_ov):
         _, want = brute_force(xs[o], tr, values, overlap=o)
         assert list(got[o]) == want, o
+
+
+def plain_viterbi(x, tr, values):
+    """A plain NumPy dynamic program: costs of every state, each step's best predecessor by
+    np.argmin (the first of equal costs), then the path back from the first best last state."""
+    S = len(x) // tr.V
+    xv = x.reshape(S, tr.V).astype(np.float64)
+    n_low, mask = 1 << (tr.L - tr.KV), (1 << tr.L) - 1
+    cost = np.sum((values - xv[0]) ** 2, 1)
+    back = []
+    for t_ in range(1, S):
+        preds = np.array([[j * n_low + (s >> tr.KV) for j in range(1 << tr.KV)]
+                          for s in range(1 << tr.L)])
+        arg = np.argmin(cost[preds], 1)
+        back.append(preds[np.arange(1 << tr.L), arg])
+        cost = cost[back[-1]] + np.sum((values - xv[t_]) ** 2, 1)
+    path = [int(np.argmin(cost))]
+    for b in reversed(back):
+        path.append(int(b[path[-1]]))
+    assert all(((p << tr.KV) & mask) >> tr.KV == (q >> tr.KV) for p, q in zip(path[1:], path))
+    return path[::-1]
+
+
+@pytest.mark.parametrize("L,K,V", [(8, 1, 2), (8, 3, 2), (9, 4, 2), (7, 5, 1)])
+def test_viterbi_breaks_ties_as_a_plain_dynamic_program(L, K, V):
+    """A table of few values and inputs on a coarse grid (every cost exact in float32, ties
+    everywhere): the Viterbi path is the plain program's, the first predecessor of equal cost
+    at every step, whichever reduction the step uses (KV <= 4: argmin; above: min then the
+    first index)."""
+    rng = np.random.default_rng(L + K + V)
+    table = rng.integers(-2, 3, (1 << L, V)).astype(np.float32) / 2
+    tr = t.Trellis("LUT", L=L, K=K, V=V, T=16 * V, table=tuple(map(tuple, table)))
+    x = (rng.integers(-6, 7, (4, 8 * V)) / 4).astype(np.float32)
+    got = np.asarray(t.viterbi(jnp.asarray(x), tr))
+    for b in range(4):
+        assert list(got[b]) == plain_viterbi(x[b], tr, table.astype(np.float64)), b
 
 
 @pytest.mark.parametrize("code", ["1MAD", "3INST"])
@@ -159,6 +198,25 @@ def test_tail_biting_pack_round_trip(code, V, K):
     mse = float(np.mean((x - np.asarray(xhat)) ** 2))
     # below the best scalar quantizer of each rate (Lloyd-Max: 0.1175, 0.0345, 0.0095)
     assert mse < {2: 0.075, 3: 0.025, 4: 0.0095}[K], mse
+
+
+def test_batching_never_changes_a_state():
+    """The sequences searched together (default_chunk, padded chunks, one at a time) do not
+    change any sequence's states, free or tail-biting, at L = 16 as the codebooks use it."""
+    for B in (1, 31, 32, 33, 60, 96, 193):
+        c = t.default_chunk(B)
+        n = -(-B // c)
+        assert 1 <= c <= t.MAX_CHUNK and n * c - B < n, (B, c)    # equal batches, no waste
+    for code, V in (("HYB", 2), ("1MAD", 1)):
+        tr = t.Trellis(code, L=16, K=2, V=V)
+        x = jnp.asarray(np.random.default_rng(2).standard_normal((37, 64)), jnp.float32)
+        ov = jnp.asarray(np.random.default_rng(3).integers(0, 1 << (16 - tr.KV), 37), jnp.int32)
+        for overlap in (None, ov):
+            ref = np.asarray(t.viterbi(x, tr, overlap))                  # 2 chunks of 19
+            for chunk in (1, 8, 37):
+                np.testing.assert_array_equal(np.asarray(t.viterbi(x, tr, overlap, chunk=chunk)), ref)
+            alone = t.viterbi(x[5:6], tr, None if overlap is None else overlap[5:6])
+            np.testing.assert_array_equal(np.asarray(alone)[0], ref[5])
 
 
 def test_bad_trellis_settings_are_refused():

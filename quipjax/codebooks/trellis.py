@@ -193,7 +193,16 @@ def _viterbi_core(x, values, L: int, KV: int, overlap):
         # a state p = j * n_low + u precedes the states u * n_new + b: the best predecessor
         # depends only on u, the low L - KV bits of p
         c = cost.reshape(B, n_new, n_low)
-        best, arg = jnp.min(c, 1), jnp.argmin(c, 1).astype(jnp.uint8 if KV <= 8 else jnp.int32)
+        best = jnp.min(c, 1)
+        if KV <= 4:
+            arg = jnp.argmin(c, 1).astype(jnp.uint8)
+        else:
+            # the first predecessor that attains the minimum (= argmin's choice) by a second
+            # plain min: XLA:CPU's variadic argmin reduce over 64 / 256 predecessors ran 3.7x /
+            # 2.3x slower than this (HYB3 / HYB4; BUILD_NOTES, issue 16)
+            dt = jnp.uint8 if KV <= 8 else jnp.int32
+            j = jax.lax.broadcasted_iota(dt, c.shape, 1)
+            arg = jnp.min(jnp.where(c == best[:, None, :], j, jnp.asarray(n_new - 1, dt)), 1)
         new = err(xt).reshape(B, n_low, n_new) + best[:, :, None]
         return new.reshape(B, 1 << L), arg
 
@@ -211,20 +220,34 @@ def _viterbi_core(x, values, L: int, KV: int, overlap):
     return jnp.concatenate([prevs, last[None]], 0)
 
 
+MAX_CHUNK = 32
+
+
+def default_chunk(B: int) -> int:
+    """Sequences per Viterbi batch for B sequences: at most MAX_CHUNK, in equal batches (no
+    padded sequences). Why: a batch's per-step arrays (chunk x 2^L float32) stay near the
+    CPU's cache; on 2 AMD EPYC cores a chunk of 30 searched 60 tiles 1.3x (HYB) to 1.8x
+    (3INST) faster than one of 60, and 96 tiles in chunks of 32 1.7x faster than in padded
+    chunks of 64 (BUILD_NOTES, issue 16)."""
+    n = -(-B // MAX_CHUNK)
+    return max(1, -(-B // n))
+
+
 @functools.partial(jax.jit, static_argnames=("tr", "chunk"))
 def viterbi(x: jax.Array, tr: Trellis, overlap: Optional[jax.Array] = None,
-            table: Optional[jax.Array] = None, chunk: int = 64) -> jax.Array:
+            table: Optional[jax.Array] = None, chunk: Optional[int] = None) -> jax.Array:
     """The minimum squared-error state sequences of trellis `tr` for sequences x.
 
     x (B, T') float32 with T' a multiple of tr.V (any length; a tile has tr.T); overlap:
     None (any first state) or (B,) int: the first state's high L - KV bits and the last
     state's low L - KV bits must both equal it (tail-biting). table: a traced HYB / LUT table.
+    chunk: sequences searched together (None: `default_chunk(B)`); it never changes a state.
     Returns states (B, T' / V) int32. Exact: ties go to the lowest state index. Memory: a
     chunk of sequences at a time, 2^L costs and T' / V x 2^(L - KV) back-pointer bytes each.
     """
     B, Tn = x.shape
     V = tr.V
-    chunk = min(chunk, B)               # no padding beyond the sequences there are
+    chunk = default_chunk(B) if chunk is None else min(chunk, B)
     values = tr.state_values(table)
     xs = jnp.asarray(x, jnp.float32).reshape(B, Tn // V, V)
     pad = -B % chunk
@@ -244,7 +267,7 @@ def viterbi(x: jax.Array, tr: Trellis, overlap: Optional[jax.Array] = None,
     return out.reshape(nb * chunk, Tn // V)[:B]
 
 
-def quantize_tail_biting(x: jax.Array, tr: Trellis, table=None, chunk: int = 64
+def quantize_tail_biting(x: jax.Array, tr: Trellis, table=None, chunk: Optional[int] = None
                          ) -> Tuple[jax.Array, jax.Array]:
     """QTIP's tail-biting search: x (B, T) float32 -> (states (B, T / V) int32, xhat (B, T)
     float32). The first pass quantizes x rolled by half a sequence; the state at the seam

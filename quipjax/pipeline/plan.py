@@ -45,10 +45,20 @@ MEASURED = [
      "params": 855638016, "hessian_step_s": 24.34, "forward_s": 4.72, "peak_rss_mb": 16706,
      "source": MEASURED_ON},
 ]
-# Tail-biting Viterbi search (both passes) per 256-weight tile at L = 16, one device:
-# experiments/bench_trellis.py --samples=1000000 --speed_tiles=64 --chunk=32 (BUILD_NOTES.md,
-# issue 16). The step costs O(2^L) whatever K, so one figure per code serves K = 2, 3, 4.
-TRELLIS_TILE_S = {"1MAD": 0.0119, "3INST": 0.0160, "HYB": 0.0091}
+# Tail-biting Viterbi search (both passes) per 256-weight tile at L = 16, one device, by
+# (code, K): mean of two runs of experiments/bench_trellis.py --samples=16384 --bits=2,3,4
+# --scales=1.0 --speed_tiles=64 (BUILD_NOTES.md, issue 16). V = 1 codes cost about the same at
+# every K; HYB (V = 2) compares 2^(KV) predecessors per state, so it grows with K.
+TRELLIS_TILE_S = {("1MAD", 2): 0.0092, ("1MAD", 3): 0.0078, ("1MAD", 4): 0.0092,
+                  ("3INST", 2): 0.0108, ("3INST", 3): 0.0076, ("3INST", 4): 0.0078,
+                  ("HYB", 2): 0.0080, ("HYB", 3): 0.0116, ("HYB", 4): 0.0123}
+# The RVQ beam search per weight (seconds of `quantize_with_values` on 10^5 Gaussian 8-dim
+# vectors / 8e5 weights), by (codebook, beam): experiments/bench_rvq_search.py
+# (BUILD_NOTES.md, issue 16). It replaces the greedy rounding, whose cost is already in
+# E8P12's measured BlockLDLQ time (greedy: 0.09 / 0.04 s per 10^5 vectors).
+RVQ_BEAM_WEIGHT_S = {("E8P12RVQ4B", 4): 2.338 / 8e5, ("E8P12RVQ4B", 16): 4.183 / 8e5,
+                     ("E8P12RVQ4B", 64): 13.103 / 8e5, ("E8P12RVQ3B", 4): 2.139 / 8e5,
+                     ("E8P12RVQ3B", 16): 3.908 / 8e5, ("E8P12RVQ3B", 64): 10.146 / 8e5}
 GB = 1024 ** 3
 
 
@@ -268,7 +278,7 @@ def _quantize_stage(s: _Setup) -> dict:
     qs = s.cfg.settings
     cb = codebooks.get(qs.codebook)
     if cb.search == "tail-biting":
-        tile_s = TRELLIS_TILE_S.get(cb.trellis.code)
+        tile_s = TRELLIS_TILE_S.get((cb.trellis.code, cb.trellis.K))
         if tile_s is None:
             detail.append(f"{qs.codebook}: no measured search cost, not in this estimate")
         else:
@@ -278,10 +288,19 @@ def _quantize_stage(s: _Setup) -> dict:
             secs += search
             detail.append(f"{qs.codebook} Viterbi search {search:.0f} s ({tile_s * 1e3:.1f} ms "
                           f"per 256-weight tile at L = 16, experiments/bench_trellis.py)")
-    elif qs.rvq_beam > 1:
-        # the measured costs are E8P12's; say so rather than underestimate silently
-        detail.append(f"rounding timed for E8P12: {qs.codebook} with --rvq_beam={qs.rvq_beam} "
-                      "searches several times longer (BUILD_NOTES.md), not in this estimate")
+    elif qs.rvq_beam > 1 and isinstance(cb, codebooks.RVQ):
+        weight_s = RVQ_BEAM_WEIGHT_S.get((qs.codebook, qs.rvq_beam))
+        if weight_s is None:
+            # the measured costs are E8P12's; say so rather than underestimate silently
+            detail.append(f"rounding timed for E8P12: {qs.codebook} with --rvq_beam="
+                          f"{qs.rvq_beam} searches several times longer (measured for beams "
+                          "4, 16, 64: BUILD_NOTES.md), not in this estimate")
+        else:
+            search = sum(math.ceil(L / D) * m * n * weight_s
+                         for m, n in _group_shapes(s.spec).values())
+            secs += search
+            detail.append(f"{qs.codebook} beam {qs.rvq_beam} search {search:.0f} s "
+                          f"({weight_s * 1e6:.2f} us per weight, experiments/bench_rvq_search.py)")
     return dict(name="quantization (no FT)", memory={"one matrix (W, H, Hr, L, temps)": mem_q},
                 seconds=secs / s.speedup,
                 notes="; ".join(detail) + f"; {L} layers x 4 groups, {D} at a time; host RAM "
