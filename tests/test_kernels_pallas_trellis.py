@@ -1,6 +1,9 @@
 """Pallas (Triton) trellis decode-matmul kernels: the interpreter equals the reference
 decode-then-matmul for every trellis codebook, odd shapes, batches 1 / 3 / 16 and the input
 dtypes; a tuned HYB table reaches the kernel; every configuration lowers for CUDA."""
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,10 @@ from quipjax import codebooks, kernels
 from quipjax.kernels import pallas_trellis
 
 from helpers import case_seed
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+import kernel_ptx  # noqa: E402
 
 # (m, n): 48 x 80 pads to 64 x 128 (2 row blocks, 2 K steps, partial tiles of padding);
 # 32 x 16 one block and one step
@@ -54,13 +61,16 @@ def test_tuned_table_reaches_the_kernel():
 
 
 def test_every_configuration_lowers_for_cuda():
+    """Every kernel exports for cuda and its Triton IR parses and verifies (the inline PTX
+    operands' types are checked there: Triton takes signless integers only)."""
     targets = pallas_trellis.export_targets(shapes=((576, 1536),), batches=(1, 16),
                                             dtypes=(jnp.bfloat16,))
     assert len(targets) == len(pallas_trellis.CODEBOOKS) * 2
     for name, fn, args, meta in targets:
         assert meta["weights_per_iter"] > 0
-        exp = jax.export.export(
-            fn, platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args)
+        exp = kernel_ptx.export_cuda(fn, args)
         assert exp.mlir_module().count("__gpu$xla.gpu.triton") == 1, name
+        (kern,) = kernel_ptx.triton_kernels(exp)
+        ttir = kernel_ptx.ttir_text(kern["ttir"])
+        if "3INST" in name or "1MAD" in name:
+            assert ("lop3.b32" if "3INST" in name else "dp4a.u32.u32") in ttir, name

@@ -22,8 +22,8 @@ def py_3inst(s):
     x = (s * 89226354 + 64248484) % 2 ** 32
     m16 = (1 << 15) + (1 << 12) - 1
     r = (x & ((m16 << 16) + m16)) ^ 996162400
-    halves = np.array([r >> 16, r & 0xFFFF], np.uint16).view(np.float16).astype(np.float64)
-    return float(halves.sum())
+    hi, lo = np.array([r >> 16, r & 0xFFFF], np.uint16).view(np.float16)
+    return float(hi + lo)           # a float16 add, as QTIP's `top + bottom` of two halves
 
 
 def py_hyb(s, table, Q):
@@ -41,6 +41,15 @@ def test_code_values_match_integer_arithmetic():
     np.testing.assert_allclose(got, [py_1mad(int(s)) for s in states], rtol=0, atol=1e-6)
     got = np.asarray(t.decode_3inst(jnp.asarray(states)))
     np.testing.assert_array_equal(got, np.float32([py_3inst(int(s)) for s in states]))
+    # every state: the float16 sum, which is not the exact sum of the halves for many of them
+    allst = np.arange(2 ** 16)
+    got = np.asarray(t.decode_3inst(jnp.asarray(allst)))
+    np.testing.assert_array_equal(got, np.float32([py_3inst(int(s)) for s in allst]))
+    x = (allst.astype(np.uint64) * 89226354 + 64248484) % 2 ** 32
+    r = ((x & 0x8FFF8FFF) ^ 996162400).astype(np.uint32)
+    exact = ((r >> 16).astype(np.uint16).view(np.float16).astype(np.float64)
+             + (r & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64))
+    assert (got != exact).mean() > 0.3
     table = t.hyb_table(9)
     got = np.asarray(t.decode_hyb(jnp.asarray(states), table, 9))
     np.testing.assert_array_equal(got, np.float32([py_hyb(int(s), table, 9) for s in states]))

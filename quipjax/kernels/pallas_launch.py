@@ -1,6 +1,8 @@
 """What the Pallas decode-matmul kernels share: the launch, a (row blocks, K splits) grid of
 programs over operands left in place (`pl.ANY`), each writing its split's partial sums (the
-splits are added by XLA); and a float32 fused multiply-add."""
+splits are added by XLA); and single PTX instructions Triton does not emit on its own (a
+float32 fused multiply-add, a three-input bitwise `lop3`, a byte dot product `dp4a`), each
+with the plain JAX expression of the same value for the interpreter, which cannot run PTX."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +10,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["split_k_call", "fma", "k_range"]
+__all__ = ["split_k_call", "fma", "and_xor", "byte_sum", "k_range", "AND_XOR_LUT"]
+
+# the truth table of lop3 for (a & b) ^ c: bit (4 a + 2 b + c) of the table is f(a, b, c),
+# i.e. the table is f(0xF0, 0xCC, 0xAA)
+AND_XOR_LUT = (0xF0 & 0xCC) ^ 0xAA
 
 
 def k_range(nk: int, ks: int):
@@ -25,9 +31,44 @@ def fma(a, b, c, ptx: bool):
     cannot run inline PTX) a * b + c, one rounding more."""
     if not ptx:
         return a * b + c
-    return pltriton.elementwise_inline_asm(
-        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+    return _asm("fma.rn.f32 $0, $1, $2, $3;", [a, b, c], jnp.float32, "=r,r,r,r")
+
+
+def _asm(code, args, dtype, constraints):
+    """One inline PTX instruction per element; unsigned operands and results go through as
+    int32 (Triton's inline asm takes signless integers only)."""
+    def signless(a):
+        return jax.lax.bitcast_convert_type(a, jnp.int32) if a.dtype == jnp.uint32 else a
+    rdt = jnp.int32 if dtype == jnp.uint32 else dtype
+    r = pltriton.elementwise_inline_asm(
+        code, args=[signless(a) for a in args], constraints=constraints, pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, rdt)])[0]
+    return jax.lax.bitcast_convert_type(r, dtype) if rdt != dtype else r
+
+
+def and_xor(a, mask: int, xor: int, ptx: bool):
+    """(a & mask) ^ xor, a uint32 array. ptx: one `lop3.b32` with both constants in
+    registers (Triton emits an `and` and an `xor`, which stay two LOP3s in SASS: a LOP3 takes
+    one immediate)."""
+    if not ptx:
+        return (a & jnp.uint32(mask)) ^ jnp.uint32(xor)
+    m = jnp.full(a.shape, mask, jnp.uint32)
+    x = jnp.full(a.shape, xor, jnp.uint32)
+    return _asm(f"lop3.b32 $0, $1, $2, $3, {AND_XOR_LUT:#x};", [a, m, x], jnp.uint32,
+                "=r,r,r,r")
+
+
+def byte_sum(a, offset: int, ptx: bool):
+    """The sum of the four bytes of a (uint32 array) plus `offset` -> int32. ptx: one
+    `dp4a.u32.u32` against 0x01010101 (Triton's shifts, masks and adds take ~7 instructions);
+    the sum (at most 1020) plus the offset taken mod 2^32 is the int32 result."""
+    if not ptx:
+        s = (a & 255) + ((a >> 8) & 255) + ((a >> 16) & 255) + (a >> 24)
+        return s.astype(jnp.int32) + jnp.int32(offset)
+    ones = jnp.full(a.shape, 0x01010101, jnp.uint32)
+    c = jnp.full(a.shape, offset % (1 << 32), jnp.uint32)
+    r = _asm("dp4a.u32.u32 $0, $1, $2, $3;", [a, ones, c], jnp.uint32, "=r,r,r,r")
+    return jax.lax.bitcast_convert_type(r, jnp.int32)
 
 
 def split_k_call(kern, args, out_shape, out_spec, grid, cfg: dict, interpret: bool, name: str):

@@ -8,7 +8,7 @@ consecutive states starting on word (R % 16) K: one kernel element is one tile r
 tile. It reads that row's K + 1 words (the last wraps to word 0 in row 15), joins them into K
 32-bit pairs and takes each state with a static shift and a mask, then decodes it by
 arithmetic (1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and
-two float16 halves) or from the 2^Q x 2 table (HYB: a multiply, a gather of both
+the float16 sum of two halves) or from the 2^Q x 2 table (HYB: a multiply, a gather of both
 components, a sign flip). The activations are column-permuted outside the kernel
 (x[16 t + c] at [c, t]) so that the 16 weights of an element meet 16 contiguous slices.
 
@@ -22,8 +22,12 @@ float32 products accumulated per element on the CUDA cores with one `fma.rn.f32`
 summed once at the end) and the small batch (2..16; larger batches in chunks of 16:
 (64 rows, 16 tiles) per step, the decoded weights of tile column c cast to the activation
 dtype and multiplied by a `dot` with that column's (NB, 16) activations, float32
-accumulation). The inline `fma.rn.f32` is the one part the interpreter cannot run: there the
-kernel computes a * b + c (BUILD_NOTES.md, "GPU kernels for the trellis codes").
+accumulation). Three single PTX instructions are inline (`kernels.pallas_launch`): the
+matvec's `fma.rn.f32`, 3INST's mask-and-xor as one `lop3` and 1MAD's byte sum as one `dp4a`
+(1MAD's products are taken with the integer byte sum and the float32 sums divided by
+147.800537109375 once). The interpreter cannot run PTX: there the kernel computes the same
+values with plain operations (a * b + c: one rounding more) (BUILD_NOTES.md, "GPU kernels
+for the trellis codes").
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from jax.experimental import pallas as pl
 
 from quipjax import codebooks
 from quipjax.kernels import TRELLIS_CODEBOOKS
-from quipjax.kernels.pallas_launch import fma, k_range, split_k_call
+from quipjax.kernels.pallas_launch import and_xor, byte_sum, fma, k_range, split_k_call
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 
@@ -103,7 +107,7 @@ def _row_invariants(tr, bm, bt):
     return R // 16, t * W, [(start + i) % W for i in range(tr.K + 1)]
 
 
-def _row_values(tr, words, table_ref):
+def _row_values(tr, words, table_ref, ptx):
     """words: K + 1 (BM, BT) uint32 arrays (a tile row's stream, MSB first) -> 16 (BM, BT)
     float32 arrays, the row's weights at tile columns 0..15. State j of the row starts at bit
     j K V: the shifts are static, so a state costs a shift and a mask."""
@@ -113,23 +117,27 @@ def _row_values(tr, words, table_ref):
     for j in range(16 // tr.V):
         o = j * tr.KV
         state = (pairs[o // 16] >> (32 - tr.L - o % 16)) & mask
-        out.extend(_decode(tr, state, table_ref))
+        out.extend(_decode(tr, state, table_ref, ptx))
     return out
 
 
-def _decode(tr, state, table_ref):
-    """state (BM, BT) uint32 -> the V float32 values of the code."""
+# the values of 1MAD are (byte sum - 510) / 147.800537109375: the kernels multiply by the
+# integer and divide the float32 sums once (that rounds as the summation order does)
+_1MAD_DIV = 147.800537109375
+
+
+def _decode(tr, state, table_ref, ptx):
+    """state (BM, BT) uint32 -> the V float32 values of the code (1MAD: times 147.8...)."""
     if tr.code == "1MAD":
         x = state * jnp.uint32(34038481) + jnp.uint32(76625530)
-        s = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + (x >> 24)
-        return [(s.astype(jnp.int32) - 510).astype(jnp.float32) * (1.0 / 147.800537109375)]
+        return [byte_sum(x, -510, ptx).astype(jnp.float32)]
     if tr.code == "3INST":
         x = state * jnp.uint32(89226354) + jnp.uint32(64248484)
         mask16 = (1 << 15) + (1 << 12) - 1
-        r = (x & jnp.uint32((mask16 << 16) + mask16)) ^ jnp.uint32(996162400)
+        r = and_xor(x, (mask16 << 16) + mask16, 996162400, ptx)
         hi = jax.lax.bitcast_convert_type((r >> 16).astype(jnp.uint16), jnp.float16)
         lo = jax.lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.float16)    # truncates
-        return [hi.astype(jnp.float32) + lo.astype(jnp.float32)]
+        return [(hi + lo).astype(jnp.float32)]      # the code's float16 add (one HADD)
     # HYB: a hashed row of the (2^Q, 2) table, the first component's sign from bit 15
     h = state * (state + jnp.uint32(1))
     idx = ((h >> (15 - tr.Q)) & ((1 << tr.Q) - 1)).astype(jnp.int32) * 2
@@ -155,7 +163,7 @@ def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
     def body(k, acc):
         step = k * (bt * W)
         words = [codes_ref[a + step].astype(jnp.uint32) for a in addrs]
-        vals = _row_values(tr, words, table_ref)
+        vals = _row_values(tr, words, table_ref, ptx)
         cols = pl.ds(k * bt, bt)
         for c, v in enumerate(vals):
             if not batch:
@@ -169,7 +177,8 @@ def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
 
     shape = (bm, x_ref.shape[1]) if batch else (bm, bt)
     acc = jax.lax.fori_loop(k0, k1, body, jnp.zeros(shape, jnp.float32))
-    o_ref[...] = (acc if batch else jnp.sum(acc, axis=1))[None]
+    out = acc if batch else jnp.sum(acc, axis=1)
+    o_ref[...] = (out / _1MAD_DIV if tr.code == "1MAD" else out)[None]
 
 
 def _call(x, arrays, name, shape, interpret):
