@@ -57,7 +57,8 @@ def main(argv):
         return plan(spec, shape, c, cfg, device_gb=FLAGS.device_memory_gb, speedup=FLAGS.speedup)
 
     def total(stages):
-        return sum((2 if s["name"].startswith("perplexity") else 1) * s["seconds"] for s in stages)
+        return sum((2 if s["name"].startswith("perplexity") else 1) * s["seconds"]
+                   for s in stages if s.get("counted", True))
     stages = run(shape)
     if FLAGS.json:
         print(json.dumps({"model": where, "mesh": shape, "stages": stages}, default=str))
@@ -78,7 +79,8 @@ def main(argv):
     for s in stages:
         n = 2 if s["name"].startswith("perplexity") else 1
         print(f"| {s['name']} | {s['memory_gb']:.1f} | {'yes' if s['fits'] else 'NO'} | "
-              f"{_hms(s['seconds'])}{' (x2)' if n == 2 else ''} |")
+              f"{_hms(s['seconds'])}{' (x2)' if n == 2 else ''}"
+              f"{'' if s.get('counted', True) else ' (not in the total)'} |")
     print(f"| total | | | {_hms(total(stages))} |")
     print()
     for s in stages:

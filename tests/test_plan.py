@@ -35,7 +35,8 @@ def _paper_config():
 def test_plans_of_issue_6_unchanged(model, mesh, want):
     spec, _ = read_spec(os.path.join(CONFIGS, f"{model}.json"))
     stages = plan(spec, mesh, PlanCosts.builtin(), _paper_config())
-    assert [s["name"] for s in stages] == ["Hessian collection", "quantization (no FT)",
+    assert [s["name"] for s in stages] == ["Hessian collection",
+                                           "quantization (inside in-block fine-tuning)",
                                            "in-block fine-tuning", "end-to-end fine-tuning",
                                            "perplexity (each of FP and quantized)"]
     assert [round(s["memory_gb"], 1) for s in stages] == want
@@ -105,3 +106,24 @@ def test_rvq_beam_search_is_in_the_quantize_estimate(codebook, beam):
     assert f"beam {beam} search" in got["notes"]
     other = plan(spec, mesh, PlanCosts.builtin(), with_beam(5))[1]
     assert other["seconds"] == greedy["seconds"] and "not in this estimate" in other["notes"]
+
+
+def test_fine_tuning_counts_the_quantization_once():
+    """With in-block fine-tuning the layers are quantized inside that stage: the quantization
+    row is not counted, and the in-block stage holds the trellis search (L blocks x every
+    group once x tiles x seconds per tile, counted by hand)."""
+    import dataclasses
+    spec, _ = read_spec(os.path.join(CONFIGS, "llama2_7b.json"))
+    base = _paper_config()
+    assert base.ft.epochs > 0
+    hyb = dataclasses.replace(base, settings=dataclasses.replace(base.settings, codebook="HYB2"))
+    mesh = {"data": 8, "model": 1}
+    e8p, got = (plan(spec, mesh, PlanCosts.builtin(), c) for c in (base, hyb))
+    assert e8p[1]["counted"] is False and got[1]["counted"] is False
+    d, f = spec.hidden_size, spec.intermediate_size
+    weights = 3 * d * d + d * d + 2 * f * d + d * f
+    want = spec.num_layers * weights / 256 * TRELLIS_TILE_S[("HYB", 2)]
+    assert got[2]["seconds"] - e8p[2]["seconds"] == pytest.approx(want, rel=1e-9)
+    assert "HYB2 Viterbi search" in got[2]["notes"]
+    nofit = dataclasses.replace(base, ft=dataclasses.replace(base.ft, epochs=0))
+    assert plan(spec, mesh, PlanCosts.builtin(), nofit)[1].get("counted", True)

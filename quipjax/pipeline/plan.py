@@ -263,6 +263,33 @@ def _hessian_stage(s: _Setup) -> dict:
                       f"({devset * ctx * d * 4 / GB:.1f} GB on disk x 2)")
 
 
+def _search_seconds(s: _Setup, rounds: int):
+    """(seconds, note) of the codebook's own search beyond the timed rounding (the trellis
+    Viterbi, the RVQ beam) for `rounds` matrices of every group type; (0, note) when it has
+    no measured cost, (0, "") when there is none."""
+    qs = s.cfg.settings
+    cb = codebooks.get(qs.codebook)
+    weights = sum(m * n for m, n in _group_shapes(s.spec).values())
+    if cb.search == "tail-biting":
+        tile_s = TRELLIS_TILE_S.get((cb.trellis.code, cb.trellis.K))
+        if tile_s is None:
+            return 0.0, f"{qs.codebook}: no measured search cost, not in this estimate"
+        secs = rounds * weights / 256 * tile_s * 2 ** (cb.trellis.L - 16)
+        return secs, (f"{qs.codebook} Viterbi search {secs:.0f} s ({tile_s * 1e3:.1f} ms per "
+                      "256-weight tile at L = 16, experiments/bench_trellis.py)")
+    if qs.rvq_beam > 1 and isinstance(cb, codebooks.RVQ):
+        weight_s = RVQ_BEAM_WEIGHT_S.get((qs.codebook, qs.rvq_beam))
+        if weight_s is None:
+            # the measured costs are E8P12's; say so rather than underestimate silently
+            return 0.0, (f"rounding timed for E8P12: {qs.codebook} with --rvq_beam="
+                         f"{qs.rvq_beam} searches several times longer (measured for beams "
+                         "4, 16, 64: BUILD_NOTES.md), not in this estimate")
+        secs = rounds * weights * weight_s
+        return secs, (f"{qs.codebook} beam {qs.rvq_beam} search {secs:.0f} s "
+                      f"({weight_s * 1e6:.2f} us per weight, experiments/bench_rvq_search.py)")
+    return 0.0, ""
+
+
 def _quantize_stage(s: _Setup) -> dict:
     """Per group type, ceil(L / D) rounds of D matrices in parallel (one per device)."""
     L, D = s.spec.num_layers, s.D
@@ -275,32 +302,9 @@ def _quantize_stage(s: _Setup) -> dict:
         mem_q = max(mem_q, (3 * m * n + 4 * n * n) * 4 + m * n // 4)
         detail.append(f"{g} {m}x{n}: {c['total_s']:.1f} s/matrix x {rounds} rounds")
     host = max(D * (m * n + n * n) * 4 for m, n in _group_shapes(s.spec).values())
-    qs = s.cfg.settings
-    cb = codebooks.get(qs.codebook)
-    if cb.search == "tail-biting":
-        tile_s = TRELLIS_TILE_S.get((cb.trellis.code, cb.trellis.K))
-        if tile_s is None:
-            detail.append(f"{qs.codebook}: no measured search cost, not in this estimate")
-        else:
-            search = 0.0
-            for m, n in _group_shapes(s.spec).values():
-                search += math.ceil(L / D) * m * n / 256 * tile_s * 2 ** (cb.trellis.L - 16)
-            secs += search
-            detail.append(f"{qs.codebook} Viterbi search {search:.0f} s ({tile_s * 1e3:.1f} ms "
-                          f"per 256-weight tile at L = 16, experiments/bench_trellis.py)")
-    elif qs.rvq_beam > 1 and isinstance(cb, codebooks.RVQ):
-        weight_s = RVQ_BEAM_WEIGHT_S.get((qs.codebook, qs.rvq_beam))
-        if weight_s is None:
-            # the measured costs are E8P12's; say so rather than underestimate silently
-            detail.append(f"rounding timed for E8P12: {qs.codebook} with --rvq_beam="
-                          f"{qs.rvq_beam} searches several times longer (measured for beams "
-                          "4, 16, 64: BUILD_NOTES.md), not in this estimate")
-        else:
-            search = sum(math.ceil(L / D) * m * n * weight_s
-                         for m, n in _group_shapes(s.spec).values())
-            secs += search
-            detail.append(f"{qs.codebook} beam {qs.rvq_beam} search {search:.0f} s "
-                          f"({weight_s * 1e6:.2f} us per weight, experiments/bench_rvq_search.py)")
+    search, note = _search_seconds(s, math.ceil(L / D))
+    secs += search
+    detail += [note] if note else []
     return dict(name="quantization (no FT)", memory={"one matrix (W, H, Hr, L, temps)": mem_q},
                 seconds=secs / s.speedup,
                 notes="; ".join(detail) + f"; {L} layers x 4 groups, {D} at a time; host RAM "
@@ -318,13 +322,16 @@ def _inblock_stage(s: _Setup) -> dict:
     per_block = (n_tr + n_va) * fw / s.D + 3 * (ep * (3 * n_tr + n_va) + n_va) * fw / par
     per_block += sum(matrix_seconds(s.costs, m, n)["total_s"]
                      for m, n in _group_shapes(spec).values())
+    search, search_note = _search_seconds(s, 1)        # a block's 4 groups, each once
+    per_block += search
     mem = {"block params + Adam + grads (float32)": 4 * _block_params(spec) * 4 / s.M,
            "activations (batch / devices)": ft.bs * ft.ctx_size * (8 * d + 4 * f) * 4 / par}
     return dict(name="in-block fine-tuning", memory=mem, seconds=L * per_block / s.speedup,
                 notes=f"{L} blocks sequential; 3 tunings x {ep} epochs x {n_tr} windows of "
                       f"{ft.ctx_size} tokens, batch {ft.bs} split over {par} device(s) (a batch "
                       "not divisible by the device count or the data axis runs replicated); the "
-                      "4 groups of a block are quantized one after the other on one device")
+                      "4 groups of a block are quantized one after the other on one device"
+                      + (f"; {search_note} per block" if search_note else ""))
 
 
 def _e2e_stage(s: _Setup) -> dict:
@@ -369,7 +376,8 @@ def plan(spec: LlamaSpec, mesh_shape: dict, costs: PlanCosts, cfg: RunConfig = R
          device_gb: float = 80.0, speedup: float = 1.0) -> list:
     """Memory per device and time of each stage of `quantize_model(cfg)` on a mesh
     ({"data": a, "model": b}), from the model's spec alone. Returns a list of stage dicts
-    (name, memory parts in bytes, memory_gb, fits, seconds, notes). Times are the measured
+    (name, memory parts in bytes, memory_gb, fits, seconds, notes; counted: False for a stage
+    whose time another stage holds, the quantization when in-block fine-tuning runs). Times are the measured
     costs (one device of the measuring machine, see `costs.sources()`) divided by `speedup`."""
     s = _Setup(spec, mesh_shape, costs, cfg, 2 if cfg.dtype == "bfloat16" else 4, speedup)
     if cfg.hessian_shards % s.D:
@@ -377,6 +385,9 @@ def plan(spec: LlamaSpec, mesh_shape: dict, costs: PlanCosts, cfg: RunConfig = R
                          f"number of devices ({s.D})")
     stages = [_hessian_stage(s), _quantize_stage(s)]
     if cfg.ft.epochs > 0:
+        # with in-block fine-tuning the layers are quantized inside that stage: the
+        # quantization row stays for its memory, its time is not counted twice
+        stages[1].update(name="quantization (inside in-block fine-tuning)", counted=False)
         stages.append(_inblock_stage(s))
     if cfg.e2e.epochs > 0:
         stages.append(_e2e_stage(s))
