@@ -87,6 +87,22 @@ def case_seed(*params) -> int:
     return zlib.crc32(repr(params).encode())
 
 
+def verify_triton_kernels(fn, args, name) -> str:
+    """Export fn(*args) for cuda, check it holds one Triton kernel and that the kernel's
+    Triton IR parses and verifies (experiments/kernel_ptx.py's reader; the inline PTX
+    operands' types are checked there). Returns the IR as text."""
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.join(here, "experiments") not in sys.path:
+        sys.path.insert(0, os.path.join(here, "experiments"))
+    import kernel_ptx
+    exp = kernel_ptx.export_cuda(fn, args)
+    assert exp.platforms == ("cuda",)
+    (kern,) = kernel_ptx.triton_kernels(exp)
+    assert kern["kernel"], name
+    return kernel_ptx.ttir_text(kern["ttir"])
+
+
 def random_codes(rng, codebook, m, n):
     """Uniformly random codes of an (m, n) matrix (every code valid)."""
     kc = n // 8

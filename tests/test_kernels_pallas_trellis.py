@@ -1,9 +1,6 @@
 """Pallas (Triton) trellis decode-matmul kernels: the interpreter equals the reference
 decode-then-matmul for every trellis codebook, odd shapes, batches 1 / 3 / 16 and the input
 dtypes; a tuned HYB table reaches the kernel; every configuration lowers for CUDA."""
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +9,7 @@ import pytest
 from quipjax import codebooks, kernels
 from quipjax.kernels import pallas_trellis
 
-from helpers import case_seed
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments"))
-import kernel_ptx  # noqa: E402
+from helpers import case_seed, verify_triton_kernels
 
 # (m, n): 48 x 80 pads to 64 x 128 (2 row blocks, 2 K steps, partial tiles of padding);
 # 32 x 16 one block and one step
@@ -68,9 +61,6 @@ def test_every_configuration_lowers_for_cuda():
     assert len(targets) == len(pallas_trellis.CODEBOOKS) * 2
     for name, fn, args, meta in targets:
         assert meta["weights_per_iter"] > 0
-        exp = kernel_ptx.export_cuda(fn, args)
-        assert exp.mlir_module().count("__gpu$xla.gpu.triton") == 1, name
-        (kern,) = kernel_ptx.triton_kernels(exp)
-        ttir = kernel_ptx.ttir_text(kern["ttir"])
+        ttir = verify_triton_kernels(fn, args, name)
         if "3INST" in name or "1MAD" in name:
             assert ("lop3.b32" if "3INST" in name else "dp4a.u32.u32") in ttir, name

@@ -34,6 +34,20 @@ def test_lop3_table_is_and_then_xor():
                                             pallas_launch.AND_XOR_LUT))
 
 
+def test_lop3_tables_of_the_other_helpers():
+    rng = np.random.default_rng(2)
+    a, b = (rng.integers(0, 1 << 32, 1000, dtype=np.uint64).astype(np.uint32) for _ in "ab")
+    full = lambda v: np.full_like(a, v)  # noqa: E731
+    got = np.asarray(pallas_launch.and_or(jnp.asarray(a), 15, 0x4B000000, ptx=False))
+    np.testing.assert_array_equal(got, lop3(a, full(15), full(0x4B000000),
+                                            pallas_launch.AND_OR_LUT))
+    got = np.asarray(pallas_launch.xor_masked(jnp.asarray(a), jnp.asarray(b), 0x80000000,
+                                              ptx=False))
+    np.testing.assert_array_equal(got, lop3(a, b, full(0x80000000),
+                                            pallas_launch.XOR_MASKED_LUT))
+    assert not np.array_equal(got, a) and not np.array_equal(got, a ^ b)
+
+
 def test_dp4a_operands_give_the_byte_sum():
     rng = np.random.default_rng(1)
     a = np.concatenate([rng.integers(0, 1 << 32, 1000, dtype=np.uint64),

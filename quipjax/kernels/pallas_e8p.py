@@ -14,8 +14,12 @@ decoded and accumulated in the same kernel):
 
 Decode, per code c (16 bits, official layout, `quipjax.codebooks.e8p`): one pointer gather of
 the packed 8-nibble pattern word `tab[c >> 8]` from a 1 KiB table (L1/L2 resident), the sign
-byte's parity by three xor-folds, then per coordinate a shift, a mask and a select. The E81B
-stage (3-bit) is one gather of its nibble-packed codeword.
+byte's parity by three xor-folds, then per coordinate a shift, one `lop3` setting the nibble
+into the mantissa of float32 2^23 and one subtraction (exactly nibble - 8, no integer-to-float
+conversion), and the sign bit xored into the float (a shift and one `lop3`). The E81B stage
+(3-bit) is one gather of its nibble-packed codeword, decoded the same way. The `lop3`s and the
+matvec's `fma` are inline PTX (`kernels.pallas_launch`); the interpreter, which cannot run
+PTX, computes the same values with plain operations.
 
 Kernel layout of the codes (`prepare`): plain (m, n/8) uint16 codes (one array per stage;
 uint8 for the E81B stage),
@@ -48,7 +52,7 @@ from jax.experimental import pallas as pl
 from quipjax.codebooks import e8p as _e8p
 from quipjax.codebooks import rvq as _rvq
 from quipjax.kernels import stage_table
-from quipjax.kernels.pallas_launch import fma, k_range, split_k_call
+from quipjax.kernels.pallas_launch import and_or, fma, k_range, split_k_call, xor_masked
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs",
            "ROW_MULTIPLE", "H100_SMS"]
@@ -125,39 +129,52 @@ def _e8p_fields(c, tab_ref):
     return packed, s ^ par, par
 
 
-def _e8p_coords(c, tab_ref):
-    """c (BM, BK) int32 E8P codes -> list of 8 float32 (BM, BK) tiles, coordinate i of each."""
-    packed, s, par = _e8p_fields(c, tab_ref)
-    shift = 0.25 - 0.5 * par.astype(jnp.float32)
-    out = []
-    for i in range(8):
-        ii = _SHUFFLE[i]
-        v = (((packed >> (4 * ii)) & 15) - 8).astype(jnp.float32) * 0.5
-        out.append(jnp.where(((s >> ii) & 1) == 1, -v, v) + shift)
-    return out
+def _e8p_coords(c, tab_ref, ptx: bool):
+    """c (BM, BK) int32 E8P codes -> list of 8 float32 (BM, BK) tiles, coordinate i of each:
+    the signed integer 2 s_i p_i of `_e8p_signed_coords` times 1/2 plus the +-1/4 shift (one
+    FMA, exact: every value is k / 4 with |k| <= 15)."""
+    w, sgn = _e8p_signed_coords(c, tab_ref, ptx)
+    shift = 0.25 * sgn
+    return [fma(v, jnp.full_like(v, 0.5), shift, ptx) for v in w]
 
 
-def _e81b_coords(c, tab_ref):
-    packed = tab_ref[c]
-    return [(((packed >> (4 * i)) & 15) - 8).astype(jnp.float32) * 0.5 for i in range(8)]
+def _e81b_coords(c, tab_ref, ptx: bool):
+    packed = jax.lax.bitcast_convert_type(tab_ref[c], jnp.uint32)
+    return [_nibble_minus_8(packed, 4 * i, ptx) * 0.5 for i in range(8)]
 
 
-def _stage_coords(kind, c, tab_ref):
-    return _e81b_coords(c, tab_ref) if kind == "e81b" else _e8p_coords(c, tab_ref)
+def _stage_coords(kind, c, tab_ref, ptx: bool):
+    return (_e81b_coords if kind == "e81b" else _e8p_coords)(c, tab_ref, ptx)
 
 
-def _e8p_signed_coords(c, tab_ref):
+# float32 2^23: an integer below 2^23 set into its mantissa bits reads as 2^23 + that integer
+_F32_2P23 = 0x4B000000
+
+
+def _nibble_minus_8(word, shift: int, ptx: bool):
+    """word (BM, BK) uint32 -> float32 ((word >> shift) & 15) - 8, exactly: the nibble set
+    into the mantissa of 2^23 (one lop3) and 2^23 + 8 subtracted (one FADD), in place of a
+    mask, a subtraction and an integer-to-float conversion."""
+    bits = and_or(word >> shift, 15, _F32_2P23, ptx)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - (2.0 ** 23 + 8)
+
+
+def _e8p_signed_coords(c, tab_ref, ptx: bool):
     """c (BM, BK) int32 E8P codes -> (8 float32 tiles 2 s_i p_i (integers), shift sign +-1).
 
     The matvec keeps the factor 1/2 in x and the +-1/4 shift as one term per code
-    (0.25 * sign * sum of the code's 8 inputs): two fewer float ops per weight.
+    (0.25 * sign * sum of the code's 8 inputs): two fewer float ops per weight. Sign bit ii
+    of s is moved to bit 31 and xored into the float (one shift, one lop3).
     """
     packed, s, par = _e8p_fields(c, tab_ref)
+    packed = jax.lax.bitcast_convert_type(packed, jnp.uint32)
+    s = s.astype(jnp.uint32)
     out = []
     for i in range(8):
         ii = _SHUFFLE[i]
-        v = (((packed >> (4 * ii)) & 15) - 8).astype(jnp.float32)
-        out.append(jnp.where(((s >> ii) & 1) == 1, -v, v))
+        v = jax.lax.bitcast_convert_type(_nibble_minus_8(packed, 4 * ii, ptx), jnp.uint32)
+        v = xor_masked(v, s << (31 - ii), 0x80000000, ptx)
+        out.append(jax.lax.bitcast_convert_type(v, jnp.float32))
     return out, 1.0 - 2.0 * par.astype(jnp.float32)
 
 
@@ -179,10 +196,10 @@ def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
             c = cs[st][pl.ds(row0, bm), pl.ds(col, bk)].astype(jnp.int32)
             t = accs[st]
             if st == 1 and kind == "e81b":
-                packed = tabs[st][c]
-                w = [(((packed >> (4 * i)) & 15) - 8).astype(jnp.float32) for i in range(8)]
+                packed = jax.lax.bitcast_convert_type(tabs[st][c], jnp.uint32)
+                w = [_nibble_minus_8(packed, 4 * i, ptx) for i in range(8)]
             else:
-                w, sgn = _e8p_signed_coords(c, tabs[st])
+                w, sgn = _e8p_signed_coords(c, tabs[st], ptx)
                 xq = jnp.broadcast_to(0.25 * xs_ref[pl.ds(col, bk)][None, :], (bm, bk))
                 t = fma(sgn, xq, t, ptx)
             for i in range(8):
@@ -196,7 +213,7 @@ def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
     o_ref[...] = y[None, :]
 
 
-def _batch_kernel(*refs, kind, bm, bk, nk, ks):
+def _batch_kernel(*refs, kind, bm, bk, nk, ks, ptx):
     """refs: tab1, c1, [tab2, c2], x (8, NB, Kp) -> o (1, BM, NB) block of (S, Mp, NB)."""
     nst = 1 if kind is None else 2
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
@@ -212,7 +229,7 @@ def _batch_kernel(*refs, kind, bm, bk, nk, ks):
         new = []
         for st in range(nst):
             c = cs[st][pl.ds(row0, bm), pl.ds(col, bk)].astype(jnp.int32)
-            w = _stage_coords(kind if st else "e8p", c, tabs[st])
+            w = _stage_coords(kind if st else "e8p", c, tabs[st], ptx)
             acc = accs[st]
             for i in range(8):
                 xi = x_ref[i, :, pl.ds(col, bk)]                      # (NB, BK)
@@ -279,7 +296,7 @@ def _call(x8, arrays, codebook_name, shape, interpret):
         out_shape = jax.ShapeDtypeStruct((s, mp), jnp.float32)
         out_spec = pl.BlockSpec((1, bm), lambda i, j: (j, i))
     else:
-        kern = functools.partial(_batch_kernel, **params)
+        kern = functools.partial(_batch_kernel, **params, ptx=not interpret)
         out_shape = jax.ShapeDtypeStruct((s, mp, batch), jnp.float32)
         out_spec = pl.BlockSpec((1, bm, batch), lambda i, j: (j, i, 0))
     return split_k_call(kern, args, out_shape, out_spec, grid, cfg, interpret,

@@ -10,11 +10,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["split_k_call", "fma", "and_xor", "byte_sum", "k_range", "AND_XOR_LUT"]
+__all__ = ["split_k_call", "fma", "and_xor", "and_or", "xor_masked", "byte_sum", "k_range",
+           "AND_XOR_LUT", "AND_OR_LUT", "XOR_MASKED_LUT"]
 
-# the truth table of lop3 for (a & b) ^ c: bit (4 a + 2 b + c) of the table is f(a, b, c),
-# i.e. the table is f(0xF0, 0xCC, 0xAA)
-AND_XOR_LUT = (0xF0 & 0xCC) ^ 0xAA
+# truth tables of lop3: bit (4 a + 2 b + c) of the table is f(a, b, c), i.e. the table is
+# f(0xF0, 0xCC, 0xAA)
+AND_XOR_LUT = (0xF0 & 0xCC) ^ 0xAA          # (a & b) ^ c
+AND_OR_LUT = (0xF0 & 0xCC) | 0xAA           # (a & b) | c
+XOR_MASKED_LUT = 0xF0 ^ (0xCC & 0xAA)       # a ^ (b & c)
 
 
 def k_range(nk: int, ks: int):
@@ -46,16 +49,32 @@ def _asm(code, args, dtype, constraints):
     return jax.lax.bitcast_convert_type(r, dtype) if rdt != dtype else r
 
 
-def and_xor(a, mask: int, xor: int, ptx: bool):
-    """(a & mask) ^ xor, a uint32 array. ptx: one `lop3.b32` with both constants in
-    registers (Triton emits an `and` and an `xor`, which stay two LOP3s in SASS: a LOP3 takes
-    one immediate)."""
+def _lop3(a, b, c, table: int, plain, ptx: bool):
+    """One `lop3.b32` of uint32 arrays a, b, c (b, c: Python ints are broadcast, and held
+    in registers: a LOP3 takes one immediate, so two constants would cost two LOP3s);
+    `plain()` is the same value for the interpreter."""
     if not ptx:
-        return (a & jnp.uint32(mask)) ^ jnp.uint32(xor)
-    m = jnp.full(a.shape, mask, jnp.uint32)
-    x = jnp.full(a.shape, xor, jnp.uint32)
-    return _asm(f"lop3.b32 $0, $1, $2, $3, {AND_XOR_LUT:#x};", [a, m, x], jnp.uint32,
-                "=r,r,r,r")
+        return plain()
+    b, c = (jnp.full(a.shape, v, jnp.uint32) if isinstance(v, int) else v for v in (b, c))
+    return _asm(f"lop3.b32 $0, $1, $2, $3, {table:#x};", [a, b, c], jnp.uint32, "=r,r,r,r")
+
+
+def and_xor(a, mask: int, xor: int, ptx: bool):
+    """(a & mask) ^ xor, a uint32 array: one `lop3` (Triton emits an `and` and an `xor`,
+    two LOP3s in SASS)."""
+    return _lop3(a, mask, xor, AND_XOR_LUT, lambda: (a & jnp.uint32(mask)) ^ jnp.uint32(xor),
+                 ptx)
+
+
+def and_or(a, mask: int, bits: int, ptx: bool):
+    """(a & mask) | bits, a uint32 array: one `lop3`."""
+    return _lop3(a, mask, bits, AND_OR_LUT, lambda: (a & jnp.uint32(mask)) | jnp.uint32(bits),
+                 ptx)
+
+
+def xor_masked(a, b, mask: int, ptx: bool):
+    """a ^ (b & mask), uint32 arrays a, b: one `lop3`."""
+    return _lop3(a, b, mask, XOR_MASKED_LUT, lambda: a ^ (b & jnp.uint32(mask)), ptx)
 
 
 def byte_sum(a, offset: int, ptx: bool):
