@@ -107,3 +107,40 @@ def test_ctrl_c_says_the_same_command_resumes(tiny_hf, tmp_path):
     assert p.returncode == 130, (p.returncode, text[-3000:])
     assert "Traceback" not in text
     assert lines[-1] == "interrupted: run the same command again to resume where it stopped"
+
+
+SWALLOWING_JOB = """
+import os, signal, sys, time
+from quipjax.pipeline import cli
+from quipjax.pipeline.run import progress_bar
+
+def main(argv):
+    bar = progress_bar(3, "steps")
+    try:                                    # a library that catches BaseException
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    except BaseException:
+        pass
+    print("swallowed", flush=True)
+    try:                                    # closed before the Ctrl-C line, as the pipeline does
+        for _ in range(3):
+            bar.update(1)
+        print("ran to the end", flush=True)
+    finally:
+        bar.close()
+
+cli.run(main, resumable=True, argv=[sys.argv[0]])
+"""
+
+
+def test_ctrl_c_swallowed_by_a_library_still_stops_the_run():
+    """A KeyboardInterrupt caught by third-party code (or raised inside a finalizer) must not
+    let the run go on: the next progress step raises it again (exit 130, the resume line)."""
+    p = subprocess.run([sys.executable, "-c", SWALLOWING_JOB], capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+    assert "swallowed" in p.stdout, (p.stdout, p.stderr[-2000:])
+    assert "ran to the end" not in p.stdout, p.stdout
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert p.stderr.strip().splitlines()[-1] == (
+        "interrupted: run the same command again to resume where it stopped")

@@ -10,7 +10,8 @@
 * User errors (bad flags, missing or unreadable files, settings quipjax refuses, a busy output
   directory) print one line `error: ...` to stderr and exit 2; `--verbose` adds the traceback.
   Anything else is a bug and keeps its traceback (exit 1).
-* Ctrl-C prints one line (for resumable jobs: the same command resumes) and exits 130.
+* Ctrl-C prints one line (for resumable jobs: the same command resumes) and exits 130, also
+  when a library swallowed the KeyboardInterrupt (`interrupt`: the next progress step raises).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import flags
 
+from quipjax.pipeline import interrupt
 from quipjax.pipeline.outdir import RunLocked
 
 __all__ = ["run", "UserError", "USER_ERRORS", "one_line", "resolve_flagfile", "expand_args"]
@@ -124,8 +126,10 @@ def run(main: Callable, *, positional: Optional[str] = None, resumable: bool = F
     if len(rest) > 1:
         hint = f": did you mean --{positional}={rest[1]}?" if positional else ""
         _fail(f"unexpected argument {rest[1]!r} (flags are given as --name=value){hint}")
+    previous = interrupt.install()
     try:
         main(rest)
+        interrupt.check()           # Ctrl-C that a library swallowed after the last progress step
     except KeyboardInterrupt:
         # libraries may warn while the interpreter shuts down: keep the interrupt line last
         warnings.simplefilter("ignore")
@@ -136,3 +140,5 @@ def run(main: Callable, *, positional: Optional[str] = None, resumable: bool = F
         if fv["verbose"].value:
             traceback.print_exc()
         _fail(one_line(e))
+    finally:
+        interrupt.restore(previous)

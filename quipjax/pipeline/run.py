@@ -28,7 +28,7 @@ from quipjax.rule import rules_to_json
 from quipjax.models.family import global_names
 from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
 from quipjax.pipeline import checkpoint as ckpt
-from quipjax.pipeline import calibration, curves, data, evaluate, hessians, outdir
+from quipjax.pipeline import calibration, curves, data, evaluate, hessians, interrupt, outdir
 from quipjax.pipeline.build import build_model
 from quipjax.pipeline.quantization import (SourceLayers, check_model, group_settings,
                                            quantize_layers)
@@ -41,9 +41,19 @@ __all__ = ["Job", "quantize_model", "open_job", "fp_stage", "hessian_stage", "qu
 
 
 def progress_bar(total, desc):
-    """A tqdm bar on stderr."""
+    """A tqdm bar on stderr; each step raises a Ctrl-C that a library swallowed
+    (`interrupt.check`)."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    class Bar(tqdm):
+        def update(self, n=1):
+            interrupt.check()
+            return super().update(n)
+
+        def refresh(self, *a, **k):
+            interrupt.check()
+            return super().refresh(*a, **k)
+    return Bar(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
 def perplexity_bar(model, windows, desc: str, placement: Placement = Placement()) -> dict:
