@@ -179,18 +179,18 @@ def _e8p_signed_coords(c, tab_ref, ptx: bool):
 
 
 def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
-    """refs: tab1, c1, [tab2, c2], xh (8, Kp) = x / 2, xs (Kp,) = sums of 8 (float32) ->
-    o (1, BM). Each code's products are accumulated in place (one fused multiply-add per
+    """refs: tab1, c1, [tab2, c2], xh_0..xh_7 (Kp,) = x / 2 by coordinate, xs (Kp,) = sums
+    of 8 (float32) -> o (1, BM). Each code's products are accumulated in place (one fused multiply-add per
     weight) and the (BM, BK) partial sums reduced once, after the loop."""
     nst = 1 if kind is None else 2
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
-    x_ref, xs_ref, o_ref = refs[2 * nst], refs[2 * nst + 1], refs[2 * nst + 2]
+    x_refs, xs_ref, o_ref = refs[2 * nst:2 * nst + 8], refs[2 * nst + 8], refs[2 * nst + 9]
     row0 = pl.program_id(0) * bm
     k0, k1 = k_range(nk, ks)
 
     def body(k, accs):
         col = k * bk
-        xs = [jnp.broadcast_to(x_ref[i, pl.ds(col, bk)][None, :], (bm, bk)) for i in range(8)]
+        xs = [jnp.broadcast_to(x_refs[i][pl.ds(col, bk)][None, :], (bm, bk)) for i in range(8)]
         new = []
         for st in range(nst):
             c = cs[st][pl.ds(row0, bm), pl.ds(col, bk)].astype(jnp.int32)
@@ -214,14 +214,15 @@ def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
 
 
 def _batch_kernel(*refs, kind, bm, bk, nk, ks, ptx):
-    """refs: tab1, c1, [tab2, c2], x (8, NB, Kp) -> o (1, BM, NB) block of (S, Mp, NB)."""
+    """refs: tab1, c1, [tab2, c2], x_0..x_7 (NB, Kp) by coordinate -> o (1, BM, NB) block of
+    (S, Mp, NB)."""
     nst = 1 if kind is None else 2
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
-    x_ref, o_ref = refs[2 * nst], refs[2 * nst + 1]
+    x_refs, o_ref = refs[2 * nst:2 * nst + 8], refs[2 * nst + 8]
     row0 = pl.program_id(0) * bm
     k0, k1 = k_range(nk, ks)
-    nb = x_ref.shape[1]
-    xdt = x_ref.dtype
+    nb = x_refs[0].shape[0]
+    xdt = x_refs[0].dtype
     prec = jax.lax.Precision.HIGHEST if xdt == jnp.float32 else None
 
     def body(k, accs):
@@ -232,7 +233,7 @@ def _batch_kernel(*refs, kind, bm, bk, nk, ks, ptx):
             w = _stage_coords(kind if st else "e8p", c, tabs[st], ptx)
             acc = accs[st]
             for i in range(8):
-                xi = x_ref[i, :, pl.ds(col, bk)]                      # (NB, BK)
+                xi = x_refs[i][:, pl.ds(col, bk)]                     # (NB, BK)
                 acc = acc + jax.lax.dot_general(
                     w[i].astype(xdt), xi, (((1,), (1,)), ((), ())),
                     precision=prec, preferred_element_type=jnp.float32)
@@ -283,11 +284,14 @@ def _call(x8, arrays, codebook_name, shape, interpret):
     args = [arrays["tab1"], arrays["c1"]]
     if kind is not None:
         args += [arrays["tab2"], arrays["c2"]]
+    # each coordinate's activations a separate input: the loads of a step then share one
+    # 64-bit offset computation (Triton adds the row offset i * stride inside the 32-bit
+    # index, before the sign extension, so one (8, Kp) input costs 8)
     if x8.ndim == 2:
         xf = x8.astype(jnp.float32)
-        args += [0.5 * xf, xf.sum(0)]           # float32: converted once, not per row block
+        args += list(0.5 * xf) + [xf.sum(0)]    # float32: converted once, not per row block
     else:
-        args.append(x8)
+        args += list(x8)
     mp = arrays["c1"].shape[0]
     grid = (mp // bm, s)
     params = dict(kind=kind, bm=bm, bk=bk, nk=cfg["nk"], ks=cfg["ks"])

@@ -5,16 +5,18 @@ p = 16 (R % 16) + (C % 16) of the tile's sequence; it is component p % V of stat
 L <= 17 bits start at bit (p // V) K V of the tile's stream of W = 16 K uint16 words (MSB
 first, wrapping; `codebooks.trellis.pack_states`). A tile row's 16 weights are 16 / V
 consecutive states starting on word (R % 16) K: one kernel element is one tile row of one
-tile. It reads that row's K + 1 words (the last wraps to word 0 in row 15), joins them into K
-32-bit pairs and takes each state with a static shift and a mask, then decodes it by
-arithmetic (1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and
-the float16 sum of two halves) or from the 2^Q x 2 table (HYB: a multiply, a gather of both
-components, a sign flip). The activations are column-permuted outside the kernel
-(x[16 t + c] at [c, t]) so that the 16 weights of an element meet 16 contiguous slices.
+tile. It reads the words holding that row's K + 1 stream words (even K: K / 2 + 1 uint32
+pairs; odd K: K + 1 uint16; the last wraps to the tile's start in row 15), forms K 32-bit
+windows and takes each state with a static shift and a mask, then decodes it by arithmetic
+(1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and the float16 sum of two halves) or from
+the 2^Q x 2 table (HYB: a multiply, a gather of both components, a sign flip). The
+activations are column-permuted outside the kernel (x[16 t + c] at [c, t]) and passed as 16
+inputs, one per c, so that the 16 weights of an element meet 16 contiguous slices.
 
-Kernel layout (`prepare`): the codes (m / 16, n / 16, W) uint16 flattened to one vector,
-tile rows padded to a multiple of the row block and tile columns to a multiple of 16
-(padded tiles: code 0, cut from y or meeting zero activations); the HYB table flattened
+Kernel layout (`prepare`): the codes (m / 16, n / 16, W) uint16 (for even K as uint32 pairs,
+word 2i << 16 | word 2i + 1, so that a uint32 load returns the stream in order) flattened to
+one vector, tile rows padded to a multiple of the row block and tile columns to a multiple of
+16 (padded tiles: code 0, cut from y or meeting zero activations); the HYB table flattened
 (2^Q * 2,) float32 (the tuned one when given).
 
 Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (128 rows, 4 tiles) per step,
@@ -89,29 +91,46 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
     rp = -(-rt * 16 // bm) * bm // 16
     cp = -(-ct // _BT_BATCH) * _BT_BATCH           # a multiple of both kernels' steps
     codes = jnp.pad(codes, ((0, rp - rt), (0, cp - ct), (0, 0)))
+    if _wide(tr):                               # big-endian pairs: a load gives stream order
+        codes = (codes[..., 0::2].astype(jnp.uint32) << 16) | codes[..., 1::2]
     out = {"codes": codes.reshape(-1)}
     if tr.code == "HYB":
         out["table"] = jnp.asarray(tr.lut(), jnp.float32).reshape(-1)
     return out
 
 
+def _wide(tr) -> bool:
+    """Whether the kernel layout holds the stream as uint32 pairs of words (even K: a tile row
+    starts on a pair) rather than as uint16 words (odd K: half the rows start inside a pair,
+    and realigning them cost the batch kernel more than the saved loads)."""
+    return tr.K % 2 == 0
+
+
 def _row_invariants(tr, bm, bt):
     """Loop invariants of a (BM rows, BT tile columns) block, (BM, BT) int32 each: the
-    element's row tile inside the block, its tile's word offset t W, and for each of the K + 1
-    words its tile row reads, the word's offset inside the tile (the last wraps to word 0 in
-    row 15)."""
+    element's row tile inside the block, its tile's offset in layout words, and the offsets
+    inside the tile of the layout words holding its tile row's K + 1 stream words (K / 2 + 1
+    uint32 pairs, or K + 1 uint16; the last wraps to the tile's start in row 15)."""
     R = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 0)
     t = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 1)
-    W = tr.T * tr.K // 16
-    start = (R % 16) * tr.K                  # a tile row starts on a word: 16 K bits per row
+    wide = _wide(tr)
+    W = tr.T * tr.K // (32 if wide else 16)       # layout words per tile
+    start = (R % 16) * tr.K                  # a tile row starts on a uint16: 16 K bits per row
+    if wide:
+        return R // 16, t * W, [(start // 2 + i) % W for i in range(tr.K // 2 + 1)]
     return R // 16, t * W, [(start + i) % W for i in range(tr.K + 1)]
 
 
 def _row_values(tr, words, table_ref, ptx):
-    """words: K + 1 (BM, BT) uint32 arrays (a tile row's stream, MSB first) -> 16 (BM, BT)
-    float32 arrays, the row's weights at tile columns 0..15. State j of the row starts at bit
-    j K V: the shifts are static, so a state costs a shift and a mask."""
-    pairs = [(words[a] << 16) | words[a + 1] for a in range(tr.K)]
+    """words: the (BM, BT) uint32 layout words of a tile row (`_row_invariants`: pairs of
+    stream words, or single ones; MSB first) -> 16 (BM, BT) float32 arrays, the row's weights
+    at tile columns 0..15. pairs[a] holds the 32 stream bits from word a of the row; state j
+    starts at bit j K V: the shifts are static, so a state costs a shift and a mask."""
+    if _wide(tr):
+        pairs = [words[a // 2] if a % 2 == 0 else
+                 (words[a // 2] << 16) | (words[a // 2 + 1] >> 16) for a in range(tr.K)]
+    else:
+        pairs = [(words[a] << 16) | words[a + 1] for a in range(tr.K)]
     mask = jnp.uint32((1 << tr.L) - 1)
     out = []
     for j in range(16 // tr.V):
@@ -151,13 +170,13 @@ def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
     cores accumulated per element, summed once; batch: o (1, BM, NB), one `dot` per tile
     column c in x's dtype, float32 accumulation."""
     codes_ref, table_ref = refs[0], (refs[1] if tr.code == "HYB" else None)
-    x_ref, o_ref = refs[-2], refs[-1]
-    W = tr.T * tr.K // 16
+    x_refs, o_ref = refs[-17:-1], refs[-1]     # one ref per tile column c (why: `_call`)
+    W = tr.T * tr.K // (32 if _wide(tr) else 16)      # layout words per tile
     rt, tile, offs = _row_invariants(tr, bm, bt)
     row_base = (pl.program_id(0) * (bm // 16) + rt) * (ct * W) + tile
     addrs = [row_base + o for o in offs]
     k0, k1 = k_range(nk, ks)
-    xdt = x_ref.dtype
+    xdt = x_refs[0].dtype
     prec = jax.lax.Precision.HIGHEST if xdt == jnp.float32 else None
 
     def body(k, acc):
@@ -167,15 +186,15 @@ def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
         cols = pl.ds(k * bt, bt)
         for c, v in enumerate(vals):
             if not batch:
-                xc = jnp.broadcast_to(x_ref[c, cols][None, :], (bm, bt))
+                xc = jnp.broadcast_to(x_refs[c][cols][None, :], (bm, bt))
                 acc = fma(v, xc, acc, ptx)
             else:
                 acc = acc + jax.lax.dot_general(
-                    v.astype(xdt), x_ref[c, :, cols], (((1,), (1,)), ((), ())),
+                    v.astype(xdt), x_refs[c][:, cols], (((1,), (1,)), ((), ())),
                     precision=prec, preferred_element_type=jnp.float32)
         return acc
 
-    shape = (bm, x_ref.shape[1]) if batch else (bm, bt)
+    shape = (bm, x_refs[0].shape[0]) if batch else (bm, bt)
     acc = jax.lax.fori_loop(k0, k1, body, jnp.zeros(shape, jnp.float32))
     out = acc if batch else jnp.sum(acc, axis=1)
     o_ref[...] = (out / _1MAD_DIV if tr.code == "1MAD" else out)[None]
@@ -190,7 +209,10 @@ def _call(x, arrays, name, shape, interpret):
     cfg = kernel_configs(m, n, max(x.shape[1], 2) if batch else 1, tr.code)
     bm, s, mp = cfg["bm"], cfg["splits"], cfg["mp"]
     table = [arrays["table"].reshape(-1)] if tr.code == "HYB" else []     # a tuned one: 2-D
-    args = [arrays["codes"]] + table + [x]
+    # x[c] as 16 separate inputs: the 16 loads of a step then share one 64-bit offset
+    # computation (each adds it to its own base) instead of 16 (Triton adds the row offset
+    # c * stride inside the 32-bit index, before the sign extension)
+    args = [arrays["codes"]] + table + list(x)
     params = dict(tr=tr, bm=bm, bt=cfg["bt"], nk=cfg["nk"], ks=cfg["ks"],
                   ct=-(-n // (16 * _BT_BATCH)) * _BT_BATCH)     # tile columns of `prepare`
     kern = functools.partial(_kernel, **params, batch=batch, ptx=not interpret)
