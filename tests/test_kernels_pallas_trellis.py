@@ -12,9 +12,9 @@ from quipjax.kernels import pallas_trellis
 from helpers import case_seed, verify_triton_kernels
 
 # (m, n): 48 x 80 pads to 64 x 128 (2 row blocks, 2 K steps, partial tiles of padding);
-# 32 x 16 one block and one step
+# 32 x 16 one block and one step; 48 x 256 the matvec's 8-tile steps (2 of them)
 CASES = [((48, 80), 1, jnp.bfloat16), ((48, 80), 3, jnp.float16), ((48, 80), 16, jnp.float32),
-         ((32, 16), 1, jnp.float32)]
+         ((32, 16), 1, jnp.float32), ((48, 256), 1, jnp.float32)]
 
 
 def _matches(y, ref, dt):
@@ -38,6 +38,15 @@ def test_interpret_equals_reference(name):
         ref = kernels.reference_decode_matmul(x.astype(jnp.float32), codes, name)
         assert y.shape == (b, m) and y.dtype == jnp.float32
         _matches(y, ref, dt if b > 1 else jnp.float32)
+
+
+def test_matvec_step_width():
+    """8 tile columns per matvec step where they divide the matrix's, else 4."""
+    assert pallas_trellis.kernel_configs(4096, 4096, 1)["bt"] == 8
+    assert pallas_trellis.kernel_configs(48, 256, 1)["bt"] == 8
+    assert pallas_trellis.kernel_configs(576, 576, 1)["bt"] == 4      # 36 tile columns
+    assert pallas_trellis.kernel_configs(48, 80, 1)["bt"] == 4
+    assert pallas_trellis.kernel_configs(4096, 4096, 16)["bt"] == 16
 
 
 def test_tuned_table_reaches_the_kernel():

@@ -19,9 +19,9 @@ one vector, tile rows padded to a multiple of the row block and tile columns to 
 16 (padded tiles: code 0, cut from y or meeting zero activations); the HYB table flattened
 (2^Q * 2,) float32 (the tuned one when given).
 
-Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (128 rows, 4 tiles) per step,
-float32 products accumulated per element on the CUDA cores with one `fma.rn.f32` each,
-summed once at the end) and the small batch (2..16; larger batches in chunks of 16:
+Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (128 rows, 8 or 4 tiles) per step,
+float32 products accumulated per element on the CUDA cores with one `fma.rn.f32` each, summed
+once at the end) and the small batch (2..16; larger batches in chunks of 16:
 (64 rows, 16 tiles) per step, the decoded weights of tile column c cast to the activation
 dtype and multiplied by a `dot` with that column's (NB, 16) activations, float32
 accumulation). Three single PTX instructions are inline (`kernels.pallas_launch`): the
@@ -50,7 +50,7 @@ __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 CODEBOOKS = TRELLIS_CODEBOOKS       # the registry's trellis codebooks
 _BM_VEC, _BM_BATCH = 128, 64   # rows per program (prepare pads rows to the larger)
 _WARPS_BATCH = {"1MAD": 4, "3INST": 4, "HYB": 8}   # HYB at 4 warps spills
-_BT_VEC, _BT_BATCH = 4, 16      # tile columns per step (the batch kernel's dot needs >= 16)
+_BT_VEC, _BT_BATCH = (8, 4), 16   # tile columns per step (batch: its dot needs >= 16)
 _MAX_BATCH = 16
 H100_SMS = 132
 
@@ -66,11 +66,21 @@ def _trellis(name):
     return tr
 
 
+def _vec_tiles(n: int) -> int:
+    """Tile columns per matvec step: 8 if they divide the matrix's tile columns (no padded
+    steps), else 4. Why: the 16 activation loads of a step serve BM x BT weights, so wider
+    steps spend fewer instructions per weight (4096 x 4096 1MAD2: 7.34 SASS per weight at 4
+    tiles, 6.89 at 8; 16 gave 6.68 but 96-160 registers and spills for HYB3; BUILD_NOTES.md),
+    and a matrix of 36 tile columns (576) would be padded by 4."""
+    ct = -(-n // 16)
+    return next((bt for bt in _BT_VEC if ct % bt == 0), _BT_VEC[-1])
+
+
 def kernel_configs(m: int, n: int, batch: int, code: str = "3INST") -> dict:
     """The static launch parameters for an (m, n) matrix at this batch size (bk = 16 bt
     columns per step)."""
     vec = batch == 1
-    bm, bt = (_BM_VEC, _BT_VEC) if vec else (_BM_BATCH, _BT_BATCH)
+    bm, bt = (_BM_VEC, _vec_tiles(n)) if vec else (_BM_BATCH, _BT_BATCH)
     mp = -(-m // bm) * bm
     kp = -(-n // (16 * bt)) * 16 * bt
     nk = kp // (16 * bt)
