@@ -14,10 +14,12 @@ activations are column-permuted outside the kernel (x[16 t + c] at [c, t]) and p
 inputs, one per c, so that the 16 weights of an element meet 16 contiguous slices.
 
 Kernel layout (`prepare`): the codes (m / 16, n / 16, W) uint16 (for even K as uint32 pairs,
-word 2i << 16 | word 2i + 1, so that a uint32 load returns the stream in order) flattened to
-one vector, tile rows padded to a multiple of the row block and tile columns to a multiple of
-16 (padded tiles: code 0, cut from y or meeting zero activations); the HYB table flattened
-(2^Q * 2,) float32 (the tuned one when given).
+word 2i << 16 | word 2i + 1, so that a uint32 load returns the stream in order), reordered to
+(rows, words of a tile row, tile columns) and flattened: the words of neighbouring tiles are
+adjacent, so the elements a thread holds load as one vector. Rows are padded to a multiple of
+the row block and tile columns to a multiple of 16 (padded tiles: code 0, cut from y or
+meeting zero activations); the HYB table is flattened (2^Q * 2,) float32 (the tuned one when
+given).
 
 Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (128 rows, 8 or 4 tiles) per step,
 float32 products accumulated per element on the CUDA cores with one `fma.rn.f32` each, summed
@@ -103,6 +105,8 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
     codes = jnp.pad(codes, ((0, rp - rt), (0, cp - ct), (0, 0)))
     if _wide(tr):                               # big-endian pairs: a load gives stream order
         codes = (codes[..., 0::2].astype(jnp.uint32) << 16) | codes[..., 1::2]
+    nw = _row_words(tr)                         # (row tiles, tiles, 16 rows x words) ->
+    codes = codes.reshape(rp, cp, 16, nw).transpose(0, 2, 3, 1)   # (rows, words, tiles)
     out = {"codes": codes.reshape(-1)}
     if tr.code == "HYB":
         out["table"] = jnp.asarray(tr.lut(), jnp.float32).reshape(-1)
@@ -116,23 +120,27 @@ def _wide(tr) -> bool:
     return tr.K % 2 == 0
 
 
-def _row_invariants(tr, bm, bt):
-    """Loop invariants of a (BM rows, BT tile columns) block, (BM, BT) int32 each: the
-    element's row tile inside the block, its tile's offset in layout words, and the offsets
-    inside the tile of the layout words holding its tile row's K + 1 stream words (K / 2 + 1
-    uint32 pairs, or K + 1 uint16; the last wraps to the tile's start in row 15)."""
-    R = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 0)
+def _row_offsets(tr, bm, bt, ct):
+    """Loop invariants of a (BM rows, BT tile columns) block, (BM, BT) int32 each: the offsets
+    of the layout words holding each element's K + 1 stream words (K / 2 + 1 uint32 pairs, or
+    K + 1 uint16), at the block's first step. The layout is (rows, words, tile columns): the
+    words of neighbouring tiles are adjacent, so a thread's elements load as one vector. The
+    last word is the first of the next row of the tile (row 15: of row 0)."""
+    r = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 0)
     t = jax.lax.broadcasted_iota(jnp.int32, (bm, bt), 1)
-    wide = _wide(tr)
-    W = tr.T * tr.K // (32 if wide else 16)       # layout words per tile
-    start = (R % 16) * tr.K                  # a tile row starts on a uint16: 16 K bits per row
-    if wide:
-        return R // 16, t * W, [(start // 2 + i) % W for i in range(tr.K // 2 + 1)]
-    return R // 16, t * W, [(start + i) % W for i in range(tr.K + 1)]
+    R = pl.program_id(0) * bm + r
+    nw = _row_words(tr)
+    nxt = R - R % 16 + (R + 1) % 16
+    return [(R * nw + i) * ct + t for i in range(nw)] + [nxt * nw * ct + t]
+
+
+def _row_words(tr) -> int:
+    """Layout words per tile row: K / 2 uint32 pairs or K uint16."""
+    return tr.K // 2 if _wide(tr) else tr.K
 
 
 def _row_values(tr, words, table_ref, ptx):
-    """words: the (BM, BT) uint32 layout words of a tile row (`_row_invariants`: pairs of
+    """words: the (BM, BT) uint32 layout words of a tile row (`_row_offsets`: pairs of
     stream words, or single ones; MSB first) -> 16 (BM, BT) float32 arrays, the row's weights
     at tile columns 0..15. pairs[a] holds the 32 stream bits from word a of the row; state j
     starts at bit j K V: the shifts are static, so a state costs a shift and a mask."""
@@ -181,16 +189,13 @@ def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
     column c in x's dtype, float32 accumulation."""
     codes_ref, table_ref = refs[0], (refs[1] if tr.code == "HYB" else None)
     x_refs, o_ref = refs[-17:-1], refs[-1]     # one ref per tile column c (why: `_call`)
-    W = tr.T * tr.K // (32 if _wide(tr) else 16)      # layout words per tile
-    rt, tile, offs = _row_invariants(tr, bm, bt)
-    row_base = (pl.program_id(0) * (bm // 16) + rt) * (ct * W) + tile
-    addrs = [row_base + o for o in offs]
+    addrs = _row_offsets(tr, bm, bt, ct)
     k0, k1 = k_range(nk, ks)
     xdt = x_refs[0].dtype
     prec = jax.lax.Precision.HIGHEST if xdt == jnp.float32 else None
 
     def body(k, acc):
-        step = k * (bt * W)
+        step = k * bt
         words = [codes_ref[a + step].astype(jnp.uint32) for a in addrs]
         vals = _row_values(tr, words, table_ref, ptx)
         cols = pl.ds(k * bt, bt)
