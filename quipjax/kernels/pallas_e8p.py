@@ -180,8 +180,8 @@ def _e8p_signed_coords(c, tab_ref, ptx: bool):
 
 def _matvec_kernel(*refs, kind, bm, bk, nk, ks, ptx):
     """refs: tab1, c1, [tab2, c2], xh_0..xh_7 (Kp,) = x / 2 by coordinate, xs (Kp,) = sums
-    of 8 (float32) -> o (1, BM). Each code's products are accumulated in place (one fused multiply-add per
-    weight) and the (BM, BK) partial sums reduced once, after the loop."""
+    of 8 (float32) -> o (1, BM). Each code's products are accumulated in place (one fused
+    multiply-add per weight) and the (BM, BK) partial sums reduced once, after the loop."""
     nst = 1 if kind is None else 2
     tabs, cs = refs[0:2 * nst:2], refs[1:2 * nst:2]
     x_refs, xs_ref, o_ref = refs[2 * nst:2 * nst + 8], refs[2 * nst + 8], refs[2 * nst + 9]

@@ -8,8 +8,9 @@ consecutive states starting on word (R % 16) K: one kernel element is one tile r
 tile. It reads the words holding that row's K + 1 stream words (even K: K / 2 + 1 uint32
 pairs; odd K: K + 1 uint16; the last wraps to the tile's start in row 15), forms K 32-bit
 windows and takes each state with a static shift and a mask, then decodes it by arithmetic
-(1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and the float16 sum of two halves) or from
-the 2^Q x 2 table (HYB: a multiply, a gather of both components, a sign flip). The
+(1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and the float16
+sum of two halves) or from the 2^Q x 2 table (HYB: a multiply, a gather of both components, a
+sign flip). The
 activations are column-permuted outside the kernel (x[16 t + c] at [c, t]) and passed as 16
 inputs, one per c, so that the 16 weights of an element meet 16 contiguous slices.
 

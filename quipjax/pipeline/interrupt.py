@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 
-__all__ = ["install", "restore", "check", "pending"]
+__all__ = ["install", "restore", "check"]
 
 _state = {"pending": False}
 
@@ -38,11 +38,6 @@ def restore(previous) -> None:
     """Undo `install()` (given its return value)."""
     if previous is not None and signal.getsignal(signal.SIGINT) is _on_sigint:
         signal.signal(signal.SIGINT, previous)
-
-
-def pending() -> bool:
-    """Whether Ctrl-C was pressed since `install()`."""
-    return _state["pending"]
 
 
 def check() -> None:
