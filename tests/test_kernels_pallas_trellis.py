@@ -1,6 +1,8 @@
 """Pallas (Triton) trellis decode-matmul kernels: the interpreter equals the reference
 decode-then-matmul for every trellis codebook, odd shapes, batches 1 / 3 / 16 and the input
 dtypes; a tuned HYB table reaches the kernel; every configuration lowers for CUDA."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,10 @@ from quipjax.kernels import pallas_trellis
 from helpers import case_seed, verify_triton_kernels
 
 # (m, n): 48 x 80 pads to 64 x 128 (2 row blocks, 2 K steps, partial tiles of padding);
-# 32 x 16 one block and one step; 48 x 256 the matvec's 8-tile steps (2 of them)
+# 32 x 16 one block and one step; 48 x 256 the matvec's 8-tile steps (2 of them); 256 x 128
+# its 256-row blocks
 CASES = [((48, 80), 1, jnp.bfloat16), ((48, 80), 3, jnp.float16), ((48, 80), 16, jnp.float32),
-         ((32, 16), 1, jnp.float32), ((48, 256), 1, jnp.float32)]
+         ((32, 16), 1, jnp.float32), ((48, 256), 1, jnp.float32), ((256, 128), 1, jnp.float32)]
 
 
 def _matches(y, ref, dt):
@@ -47,6 +50,49 @@ def test_matvec_step_width():
     assert pallas_trellis.kernel_configs(576, 576, 1)["bt"] == 4      # 36 tile columns
     assert pallas_trellis.kernel_configs(48, 80, 1)["bt"] == 4
     assert pallas_trellis.kernel_configs(4096, 4096, 16)["bt"] == 16
+    # 256 rows per matvec program where they divide the rows, else 128 (no padded rows)
+    assert pallas_trellis.kernel_configs(4096, 4096, 1)["bm"] == 256
+    assert pallas_trellis.kernel_configs(576, 576, 1)["bm"] == 128
+    assert pallas_trellis.kernel_configs(4096, 4096, 16)["bm"] == 64
+
+
+def _plan_cost(plan, L):
+    one = {0, 32 - L} | ({8} if L == 16 else set())
+    windows = {s for s, _ in plan}
+    return sum(s % 32 != 0 for s in windows) + sum(1 if q in one else 2 for _, q in plan)
+
+
+def _cheapest_cost(L, step, n, bits):
+    """Brute force: every set of windows placing some state at a one-instruction offset, each
+    state from its cheapest window of the set or of the loaded words."""
+    one = {0, 32 - L} | ({8} if L == 16 else set())
+    offs = [j * step for j in range(n)]
+    free = [s for s in range(0, bits - 31, 32)]
+    cands = sorted({o - q for o in offs for q in one if 0 <= o - q <= bits - 32} - set(free))
+    best = None
+    for k in range(len(cands) + 1):
+        if best is not None and k + n >= best:
+            break
+        for sub in itertools.combinations(cands, k):
+            costs = [min([1 if o - s in one else 2 for s in free + list(sub)
+                          if 0 <= o - s <= 32 - L] or [None]) for o in offs]
+            if None not in costs and (best is None or k + sum(costs) < best):
+                best = k + sum(costs)
+    return best
+
+
+@pytest.mark.parametrize("name", [n for n in pallas_trellis.CODEBOOKS
+                                  if codebooks.get(n).trellis.K % 2 == 0])
+def test_window_plan_cuts_each_state_and_is_cheapest(name):
+    """Each state is taken from a window holding it, inside the loaded words, and no other
+    set of windows costs fewer instructions."""
+    tr = codebooks.get(name).trellis
+    bits = 32 * (tr.K // 2 + 1)
+    plan = pallas_trellis._window_plan(tr.L, tr.KV, 16 // tr.V, bits)
+    assert len(plan) == 16 // tr.V
+    for j, (s, q) in enumerate(plan):
+        assert s + q == j * tr.KV and 0 <= q <= 32 - tr.L and 0 <= s <= bits - 32
+    assert _plan_cost(plan, tr.L) == _cheapest_cost(tr.L, tr.KV, 16 // tr.V, bits)
 
 
 def test_tuned_table_reaches_the_kernel():

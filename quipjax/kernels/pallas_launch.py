@@ -1,7 +1,8 @@
 """What the Pallas decode-matmul kernels share: the launch, a (row blocks, K splits) grid of
 programs over operands left in place (`pl.ANY`), each writing its split's partial sums (the
 splits are added by XLA); and single PTX instructions Triton does not emit on its own (a
-float32 fused multiply-add, a three-input bitwise `lop3`, a byte dot product `dp4a`), each
+float32 fused multiply-add, a three-input bitwise `lop3`, a byte dot product `dp4a`, a byte
+permute `prmt`, a funnel shift `shf`), each
 with the plain JAX expression of the same value for the interpreter, which cannot run PTX."""
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["split_k_call", "fma", "and_xor", "and_or", "xor_masked", "byte_sum", "k_range",
+__all__ = ["split_k_call", "fma", "and_xor", "and_or", "xor_masked", "byte_sum", "middle_half",
+           "funnel", "k_range",
            "AND_XOR_LUT", "AND_OR_LUT", "XOR_MASKED_LUT"]
 
 # truth tables of lop3: bit (4 a + 2 b + c) of the table is f(a, b, c), i.e. the table is
@@ -88,6 +90,24 @@ def byte_sum(a, offset: int, ptx: bool):
     c = jnp.full(a.shape, offset % (1 << 32), jnp.uint32)
     r = _asm("dp4a.u32.u32 $0, $1, $2, $3;", [a, ones, c], jnp.uint32, "=r,r,r,r")
     return jax.lax.bitcast_convert_type(r, jnp.int32)
+
+
+def middle_half(a, ptx: bool):
+    """(a >> 8) & 0xFFFF, a uint32 array: one `prmt` (bytes 1 and 2 of a, zeros above); Triton
+    emits a `bfe.u32`, which ptxas expands to a shift and a sign-extend (two instructions)."""
+    if not ptx:
+        return (a >> 8) & jnp.uint32(0xFFFF)
+    return _asm("prmt.b32 $0, $1, 0, 0x4421;", [a], jnp.uint32, "=r,r")
+
+
+def funnel(hi, lo, n: int, ptx: bool):
+    """The top 32 bits of the 64-bit (hi, lo) << n, uint32 arrays, 0 < n < 32: one
+    `shf.l.wrap`, opaque to LLVM. Why opaque: LLVM folds a shift of the plain expression into
+    a bit-field extract of one input (two instructions), undoing a window shared by several
+    fields."""
+    if not ptx:
+        return (hi << n) | (lo >> (32 - n))
+    return _asm(f"shf.l.wrap.b32 $0, $2, $1, {n};", [hi, lo], jnp.uint32, "=r,r,r")
 
 
 def split_k_call(kern, args, out_shape, out_spec, grid, cfg: dict, interpret: bool, name: str):

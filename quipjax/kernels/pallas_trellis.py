@@ -6,11 +6,13 @@ L <= 17 bits start at bit (p // V) K V of the tile's stream of W = 16 K uint16 w
 first, wrapping; `codebooks.trellis.pack_states`). A tile row's 16 weights are 16 / V
 consecutive states starting on word (R % 16) K: one kernel element is one tile row of one
 tile. It reads the words holding that row's K + 1 stream words (even K: K / 2 + 1 uint32
-pairs; odd K: K + 1 uint16; the last wraps to the tile's start in row 15), forms K 32-bit
-windows and takes each state with a static shift and a mask, then decodes it by arithmetic
+pairs; odd K: K + 1 uint16; the last wraps to the tile's start in row 15), forms 32-bit
+windows of the stream (a loaded pair, or one funnel shift of two; `_window_plan` picks them so
+that most states sit at a window's top, middle or bottom) and takes each state with static
+shifts and masks (one instruction at those three places, else two), then decodes it by arithmetic
 (1MAD: a multiply-add and a byte sum; 3INST: a multiply-add, a mask, an xor and the float16
-sum of two halves) or from the 2^Q x 2 table (HYB: a multiply, a gather of both components, a
-sign flip). The
+sum of two halves) or from the 2^Q x 2 table (HYB: a multiply-add and two loads from a table
+holding both signs of the first component). The
 activations are column-permuted outside the kernel (x[16 t + c] at [c, t]) and passed as 16
 inputs, one per c, so that the 16 weights of an element meet 16 contiguous slices.
 
@@ -19,10 +21,10 @@ word 2i << 16 | word 2i + 1, so that a uint32 load returns the stream in order),
 (rows, words of a tile row, tile columns) and flattened: the words of neighbouring tiles are
 adjacent, so the elements a thread holds load as one vector. Rows are padded to a multiple of
 the row block and tile columns to a multiple of 16 (padded tiles: code 0, cut from y or
-meeting zero activations); the HYB table is flattened (2^Q * 2,) float32 (the tuned one when
-given).
+meeting zero activations); the HYB table is kept (2^Q, 2) float32 (the tuned one when
+given) and laid out for the kernel per call (`_kernel_table`).
 
-Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (128 rows, 8 or 4 tiles) per step,
+Two kernels, as `kernels.pallas_e8p`: the matvec (batch 1: (256 or 128 rows, 8 or 4 tiles) per step,
 float32 products accumulated per element on the CUDA cores with one `fma.rn.f32` each, summed
 once at the end) and the small batch (2..16; larger batches in chunks of 16:
 (64 rows, 16 tiles) per step, the decoded weights of tile column c cast to the activation
@@ -37,6 +39,7 @@ for the trellis codes").
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -46,13 +49,16 @@ from jax.experimental import pallas as pl
 
 from quipjax import codebooks
 from quipjax.kernels import TRELLIS_CODEBOOKS
-from quipjax.kernels.pallas_launch import and_xor, byte_sum, fma, k_range, split_k_call
+from quipjax.kernels.pallas_launch import (and_xor, byte_sum, fma, funnel, k_range,
+                                           middle_half, split_k_call)
 
 __all__ = ["prepare", "matmul", "export_targets", "kernel_configs", "CODEBOOKS"]
 
 CODEBOOKS = TRELLIS_CODEBOOKS       # the registry's trellis codebooks
-_BM_VEC, _BM_BATCH = 128, 64   # rows per program (prepare pads rows to the larger)
-_WARPS_BATCH = {"1MAD": 4, "3INST": 4, "HYB": 8}   # HYB at 4 warps spills
+_BM_VEC, _BM_BATCH = (256, 128), 64   # rows per program (`_vec_rows`; prepare pads to both)
+# HYB at 4 warps: 255 registers and 32 B of spills, reloaded 5 times a step (no stores in the
+# loop), for 9.0 SASS per weight against 13.2 at 8 warps (4096 x 4096; BUILD_NOTES.md)
+_WARPS_BATCH = {"1MAD": 4, "3INST": 4, "HYB": 4}
 _BT_VEC, _BT_BATCH = (8, 4), 16   # tile columns per step (batch: its dot needs >= 16)
 _MAX_BATCH = 16
 H100_SMS = 132
@@ -79,11 +85,19 @@ def _vec_tiles(n: int) -> int:
     return next((bt for bt in _BT_VEC if ct % bt == 0), _BT_VEC[-1])
 
 
+def _vec_rows(m: int) -> int:
+    """Matvec rows per program: 256 where they divide the matrix's rows (no padded rows),
+    else 128. Why: at 256 a thread holds 4 rows of its tile columns, so a step's 16 activation
+    loads and their 64-bit address updates serve twice the weights (4096 x 4096 1MAD2: 6.05
+    -> 5.84 SASS per weight, 128 registers, no spills; BUILD_NOTES.md)."""
+    return next((bm for bm in _BM_VEC if m % bm == 0), _BM_VEC[-1])
+
+
 def kernel_configs(m: int, n: int, batch: int, code: str = "3INST") -> dict:
     """The static launch parameters for an (m, n) matrix at this batch size (bk = 16 bt
     columns per step)."""
     vec = batch == 1
-    bm, bt = (_BM_VEC, _vec_tiles(n)) if vec else (_BM_BATCH, _BT_BATCH)
+    bm, bt = (_vec_rows(m), _vec_tiles(n)) if vec else (_BM_BATCH, _BT_BATCH)
     mp = -(-m // bm) * bm
     kp = -(-n // (16 * bt)) * 16 * bt
     nk = kp // (16 * bt)
@@ -100,7 +114,7 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
     tr = _trellis(codebook_name)
     codes = jnp.asarray(codes, jnp.uint16)
     rt, ct, w = codes.shape
-    bm = max(_BM_VEC, _BM_BATCH)
+    bm = max(_vec_rows(rt * 16), _BM_BATCH)
     rp = -(-rt * 16 // bm) * bm // 16
     cp = -(-ct // _BT_BATCH) * _BT_BATCH           # a multiple of both kernels' steps
     codes = jnp.pad(codes, ((0, rp - rt), (0, cp - ct), (0, 0)))
@@ -110,7 +124,7 @@ def prepare(codes: jax.Array, codebook_name: str) -> dict:
     codes = codes.reshape(rp, cp, 16, nw).transpose(0, 2, 3, 1)   # (rows, words, tiles)
     out = {"codes": codes.reshape(-1)}
     if tr.code == "HYB":
-        out["table"] = jnp.asarray(tr.lut(), jnp.float32).reshape(-1)
+        out["table"] = jnp.asarray(tr.lut(), jnp.float32)
     return out
 
 
@@ -143,20 +157,83 @@ def _row_words(tr) -> int:
 def _row_values(tr, words, table_ref, ptx):
     """words: the (BM, BT) uint32 layout words of a tile row (`_row_offsets`: pairs of
     stream words, or single ones; MSB first) -> 16 (BM, BT) float32 arrays, the row's weights
-    at tile columns 0..15. pairs[a] holds the 32 stream bits from word a of the row; state j
-    starts at bit j K V: the shifts are static, so a state costs a shift and a mask."""
+    at tile columns 0..15. State j starts at stream bit j K V: each is cut from a 32-bit
+    window of the stream with static shifts (`_window_plan` for pairs; for single words the
+    window starting at the state's word), then decoded."""
     if _wide(tr):
-        pairs = [words[a // 2] if a % 2 == 0 else
-                 (words[a // 2] << 16) | (words[a // 2 + 1] >> 16) for a in range(tr.K)]
+        wins = {}
+
+        def window(s):                  # stream bits [s, s + 32): a word or a funnel shift
+            if s not in wins:
+                a, n = divmod(s, 32)
+                wins[s] = words[a] if n == 0 else funnel(words[a], words[a + 1], n, ptx)
+            return wins[s]
+        plan = _window_plan(tr.L, tr.KV, 16 // tr.V, 32 * len(words))
+        states = [_field(window(s), q, tr.L, ptx) for s, q in plan]
     else:
         pairs = [(words[a] << 16) | words[a + 1] for a in range(tr.K)]
-    mask = jnp.uint32((1 << tr.L) - 1)
-    out = []
-    for j in range(16 // tr.V):
-        o = j * tr.KV
-        state = (pairs[o // 16] >> (32 - tr.L - o % 16)) & mask
-        out.extend(_decode(tr, state, table_ref, ptx))
-    return out
+        states = [_field(pairs[o // 16], o % 16, tr.L, ptx)
+                  for o in range(0, 16 * tr.K, tr.KV)]
+    return [v for st in states for v in _decode(tr, st, table_ref, ptx)]
+
+
+def _field(w, q: int, L: int, ptx):
+    """The L-bit field q bits below the top of the uint32 array w: one instruction at the top
+    (a shift), the bottom (an and) or, for L = 16, the middle (a `prmt`); else a shift and a
+    mask."""
+    mask = jnp.uint32((1 << L) - 1)
+    if q == 0:
+        return w >> (32 - L)
+    if q == 32 - L:
+        return w & mask
+    if L == 16 and q == 8:
+        return middle_half(w, ptx)
+    return (w >> (32 - L - q)) & mask
+
+
+@functools.lru_cache(maxsize=None)
+def _window_plan(L: int, step: int, n_states: int, bits: int) -> tuple:
+    """Where to cut the n_states states of a tile row from (state j: stream bits [j step,
+    j step + L) of the `bits` loaded bits, MSB first, as uint32 words): ((s, q), ...) per
+    state, the window of stream bits [s, s + 32) and the state's offset q below its top.
+    A window costs nothing when it is a loaded word (s % 32 == 0), else one funnel shift;
+    a state costs one instruction where `_field` has a one-instruction form, else two.
+    Windows are those where some state has a one-instruction form; the cheapest set is
+    searched exhaustively when that is small (every even-K code at L = 16), else greedily.
+    4096 x 4096 1MAD2: 28 -> 23 instructions per 16 states. Why: cutting the states was a
+    quarter of the matvec's instructions (BUILD_NOTES.md)."""
+    one = {0, 32 - L} | ({8} if L == 16 else set())
+    offs = [j * step for j in range(n_states)]
+    free = frozenset(range(0, bits - 31, 32))
+    cands = sorted({o - q for o in offs for q in one if 0 <= o - q <= bits - 32} - free)
+    big = 1 << 20
+
+    def ext(s, o):
+        q = o - s
+        return big if q < 0 or q + L > 32 else (1 if q in one else 2)
+
+    def total(ch):
+        return len(ch - free) + sum(min(ext(s, o) for s in ch) for o in offs)
+
+    chosen = set(free)                      # greedy: the window that saves most, while any
+    while True:
+        gains = [(total(chosen) - total(chosen | {c}), -c) for c in cands if c not in chosen]
+        if not gains or max(gains)[0] <= 0:
+            break
+        chosen.add(-max(gains)[1])
+    best = (total(chosen), tuple(sorted(chosen - free)))
+    # exhaustive below the greedy cost: a set of k windows costs at least k + n_states
+    sizes = range(max(0, best[0] - n_states))
+    if sum(math.comb(len(cands), k) for k in sizes) <= 20000:
+        for k in sizes:
+            for sub in itertools.combinations(cands, k):
+                t = total(free | set(sub))
+                if t < best[0]:
+                    best = (t, sub)
+    if best[0] >= big:
+        raise AssertionError(f"no window holds a state: L={L} step={step} bits={bits}")
+    chosen = free | set(best[1])
+    return tuple(min(((ext(s, o), s), (s, o - s)) for s in chosen)[1] for o in offs)
 
 
 # the values of 1MAD are (byte sum - 510) / 147.800537109375: the kernels multiply by the
@@ -176,11 +253,23 @@ def _decode(tr, state, table_ref, ptx):
         hi = jax.lax.bitcast_convert_type((r >> 16).astype(jnp.uint16), jnp.float16)
         lo = jax.lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.float16)    # truncates
         return [(hi + lo).astype(jnp.float32)]      # the code's float16 add (one HADD)
-    # HYB: a hashed row of the (2^Q, 2) table, the first component's sign from bit 15
-    h = state * (state + jnp.uint32(1))
-    idx = ((h >> (15 - tr.Q)) & ((1 << tr.Q) - 1)).astype(jnp.int32) * 2
-    v0, v1 = table_ref[idx], table_ref[idx + 1]
-    return [jnp.where(((h >> 15) & 1) == 1, -v0, v0), v1]
+    # HYB: a hashed row of the (2^Q, 2) table, the first component's sign from bit 15. The
+    # kernel's table is [v0; -v0; v1; v1] (`_kernel_table`): bits 15 - Q .. 15 of h index
+    # the signed first component (no sign flip) and, in the table's second half, the second
+    # (separate tables for the two, or an index LLVM cannot see through, measured no fewer
+    # instructions: the 64-bit address is the same two per load)
+    n = 2 << tr.Q
+    h = state * state + state
+    i = ((h >> (15 - tr.Q)) & (n - 1)).astype(jnp.int32)
+    return [table_ref[i], table_ref[i + n]]
+
+
+def _kernel_table(table) -> jax.Array:
+    """A HYB table (2^Q, 2) (or flattened) -> the kernels' (4 2^Q,) float32 [v0; -v0; v1;
+    v1]: row r's first component with a clear sign bit at r, with a set one at 2^Q + r; its
+    second 2^(Q+1) further."""
+    t = jnp.asarray(table, jnp.float32).reshape(-1, 2)
+    return jnp.concatenate([t[:, 0], -t[:, 0], t[:, 1], t[:, 1]])
 
 
 def _kernel(*refs, tr, bm, bt, nk, ks, ct, batch, ptx):
@@ -224,7 +313,7 @@ def _call(x, arrays, name, shape, interpret):
     batch = x.ndim == 3
     cfg = kernel_configs(m, n, max(x.shape[1], 2) if batch else 1, tr.code)
     bm, s, mp = cfg["bm"], cfg["splits"], cfg["mp"]
-    table = [arrays["table"].reshape(-1)] if tr.code == "HYB" else []     # a tuned one: 2-D
+    table = [_kernel_table(arrays["table"])] if tr.code == "HYB" else []   # a tuned one: 2-D
     # x[c] as 16 separate inputs: the 16 loads of a step then share one 64-bit offset
     # computation (each adds it to its own base) instead of 16 (Triton adds the row offset
     # c * stride inside the 32-bit index, before the sign extension)
