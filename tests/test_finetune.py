@@ -1,6 +1,8 @@
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,8 @@ from quipjax.pipeline.tuning import BlockTuner
 from quipjax.quantize import quantize_linear
 
 from helpers import TINY as SPEC, make_hf_folder, needs_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _group(m=48, n=64, seed=0):
@@ -290,3 +294,25 @@ def test_chunked_distill_kl_equals_direct():
         training.model_forward(m, tok, remat=False), -1)), -1)))(student)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
+@needs_text
+def test_probe_ft_lr_script_tuning_lowers_heldout_mse(tmp_path):
+    """experiments/probe_ft_lr.py on a tiny model: one line per setting, and the block tuned
+    in-block is closer to the FP block on the held-out windows than the untuned one."""
+    path = str(tmp_path / "tiny_hf")
+    make_hf_folder(path, SPEC)
+    env = dict(os.environ, QUIPJAX_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "probe.json"
+    args = ["--model", path, "--output_dir", str(tmp_path / "probe"), "--devset_size=4",
+            "--ctx_size=64", "--eval_ctx_size=64", "--dtype=float32", "--ft_epochs=2",
+            "--ft_bs=2", "--ft_update_freq=1", "--ft_train_size=6", "--ft_valid_size=2",
+            "--ft_ctx_size=64", "--ft_dtype=float32", "--probe_layer=1",
+            "--probe_lrs=0,1e-3/5e-3", "--probe_heldout=4", f"--json_out={out}"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "probe_ft_lr.py")]
+                       + args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["setting"]: row for row in json.load(open(out))["rows"]}
+    assert set(rows) == {"0", "1e-3/5e-3"}
+    assert rows["1e-3/5e-3"]["heldout_block_mse"] < rows["0"]["heldout_block_mse"]
+    assert all("0 epochs" in ln for ln in rows["0"]["stages"])
