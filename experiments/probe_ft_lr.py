@@ -55,7 +55,8 @@ def parse_setting(s: str):
     try:
         lr, susv = (float(v) for v in s.split("/"))
     except ValueError:
-        raise ValueError(f"--probe_lrs: {s!r} is not 'lr/susv_lr' (e.g. 5e-4/5e-3) or '0'") from None
+        raise ValueError(f"--probe_lrs: {s!r} is not 'lr/susv_lr' (e.g. 5e-4/5e-3) "
+                         "or '0'") from None
     return lr, susv
 
 
