@@ -19,6 +19,7 @@ import quipjax
 from quipjax.pipeline import data
 from quipjax.pipeline.checkpoint import read_meta
 from quipjax.pipeline.run import perplexity_bar, tokenizer_from_ref
+from quipjax.distributed import processes
 from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
@@ -32,20 +33,19 @@ flags.DEFINE_integer("max_windows", 24, "Use at most this many windows (protocol
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights/matmul input dtype.")
 flags.DEFINE_string("mesh", None, "Devices: 'data:8' (windows split over 8 devices) or "
                     "'data:2,model:4' (weights also sharded over 4: a model larger than one "
-                    "device); same perplexity as one device. Default: one device.")
-flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU; 0: the real ones.")
+                    "device); same perplexity as one device. Default: one device (with "
+                    "--distributed: data:<all devices>).")
+cli.define_process_flags()
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if FLAGS.cpu_devices:
-        import jax
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    cli.start_processes()
     if FLAGS.ctx_size < 2 or FLAGS.max_windows < 1:
         raise ValueError(f"need --ctx_size >= 2 and --max_windows >= 1, got {FLAGS.ctx_size} "
                          f"and {FLAGS.max_windows}")
-    placement = quipjax.Placement(quipjax.parse_mesh(FLAGS.mesh))
+    placement = quipjax.Placement(quipjax.parse_mesh(cli.default_mesh(FLAGS.mesh)))
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.checkpoint:
         meta = read_meta(FLAGS.checkpoint)
@@ -64,6 +64,8 @@ def main(argv):
         windows = data.eval_windows(tok, FLAGS.dataset, FLAGS.ctx_size)[:FLAGS.max_windows]
         name = FLAGS.dataset
     r = perplexity_bar(model, windows, f"ppl {name}", placement)
+    if not processes.is_writer():
+        return
     print(f"{name}: perplexity {r['ppl']:.4f} over {r['tokens']} predicted tokens "
           f"({len(windows)} windows of {FLAGS.ctx_size}), {r['seconds']:.1f} s, "
           f"{placement.describe()}")

@@ -2,6 +2,7 @@
 
     python experiments/quantize.py --flagfile=experiments/configs/smollm2_135m_2bit.cfg
     python experiments/quantize.py --model=/path/to/Llama-2-7b-hf --flagfile=experiments/configs/llama7b_2bit.cfg
+    python experiments/quantize.py ... --distributed     # on every host (SLURM: srun); README
 
 Stages (each reported in metrics.json "seconds"): FP perplexity (cached), calibration windows,
 Hessians (cached by model and calibration settings, resumable), layer-by-layer quantization
@@ -13,27 +14,29 @@ ft_curves.json / ft_curves.png in --output_dir. Every flag is a field of
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from absl import flags, logging
 
 import quipjax
+from quipjax.distributed import processes
 from quipjax.pipeline import cli
 
 FLAGS = flags.FLAGS
 quipjax.RunConfig.define_flags()
-flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU (testing --mesh "
-                     "without GPUs); 0: the real devices.")
+cli.define_process_flags()
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if FLAGS.cpu_devices:
-        import jax
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    metrics = quipjax.quantize_model(quipjax.RunConfig.from_flags(FLAGS))
-    print(json.dumps({k: metrics[k] for k in ("ppl", "tokens", "bits_per_weight", "seconds")}))
+    cli.start_processes()
+    cfg = quipjax.RunConfig.from_flags(FLAGS)
+    cfg = dataclasses.replace(cfg, mesh=cli.default_mesh(cfg.mesh))
+    metrics = quipjax.quantize_model(cfg)
+    if processes.is_writer():
+        print(json.dumps({k: metrics[k] for k in ("ppl", "tokens", "bits_per_weight", "seconds")}))
 
 
 if __name__ == "__main__":

@@ -453,7 +453,8 @@ class Lift:
     `lift(fn, in_axes)` returns a function of stacked arrays: arguments with in_axes 0 have a
     leading axis of size `width` (one entry per matrix), arguments with None are shared;
     `fn` sees one matrix's arrays, and every output of the lifted function gets the leading
-    axis. `put(x)` places a stacked numpy array where the lifted functions want it. Lifts
+    axis. `put(x)` places a stacked numpy array where the lifted functions want it, `get(y)`
+    brings a stacked output back as numpy. Lifts
     compare equal when they run the same programs (the compiled stages are cached by lift).
     """
 
@@ -464,6 +465,10 @@ class Lift:
 
     def put(self, x):
         return jnp.asarray(x)
+
+    def get(self, x) -> np.ndarray:
+        """A lifted function's stacked output as numpy (the whole stack)."""
+        return np.asarray(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,16 +573,20 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
             L = lift.put(np.broadcast_to(np.eye(n, dtype=np.float32), (D, n, n)))
         else:
             L = st["ldl"](r.H)
-            for j in np.nonzero(~np.asarray(st["finite"](L)))[0]:     # the float64 retry
-                Lf = factor_float64(jnp.asarray(Hs[idx[j]], jnp.float32),
-                                    jnp.asarray(np.asarray(r.SU)[j]), sigma_reg, rotations[1],
-                                    cb.block)
-                if Lf is None:
-                    raise _not_positive_definite(sigma_reg)
-                L = lift.put(np.asarray(L.at[j].set(Lf)))
+            bad = np.nonzero(~lift.get(st["finite"](L)))[0]
+            if len(bad):                                            # the float64 retry
+                Lh = np.array(lift.get(L))             # writable
+                for j in bad:
+                    Lf = factor_float64(jnp.asarray(Hs[idx[j]], jnp.float32),
+                                        jnp.asarray(lift.get(r.SU)[j]), sigma_reg,
+                                        rotations[1], cb.block)
+                    if Lf is None:
+                        raise _not_positive_definite(sigma_reg)
+                    Lh[j] = np.asarray(Lf)
+                L = lift.put(Lh)
         codes = st["round"](r.W, L, r.H) if tune_iters else st["round"](r.W, L)
-        codes_h, SU_h = np.asarray(codes), np.asarray(r.SU)
-        SV_h = np.asarray(r.SV) * np.asarray(r.scale)[:, None]     # assemble: SV * scale
+        codes_h, SU_h = lift.get(codes), lift.get(r.SU)
+        SV_h = lift.get(r.SV) * lift.get(r.scale)[:, None]         # assemble: SV * scale
         for j in range(real):
             out.append(QuantizedLinear(codes=jnp.asarray(codes_h[j]), SU=jnp.asarray(SU_h[j]),
                                        SV=jnp.asarray(SV_h[j]), codebook=cb.name, shape=(m, n),
@@ -585,6 +594,6 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
             check_result(out[-1], Ws[idx[j]])
         if proxies:
             SVst = lift.put(SV_h[[min(j, real - 1) for j in range(D)]])
-            p = np.asarray(st["proxy"](Wst, codes, r.SU, SVst, Hst, sigma))
+            p = lift.get(st["proxy"](Wst, codes, r.SU, SVst, Hst, sigma))
             prox += [float(v) for v in p[:real]]
     return (out, prox) if proxies else out

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from quipjax.distributed import processes
 from quipjax.distributed.mesh import BATCH, describe, one_device_mesh
 from quipjax.models.adapter import path_str
 
@@ -103,6 +104,11 @@ class Placement:
         if n % mesh.shape["data"] == 0 and mesh.shape["data"] > 1:
             return P("data")
         return P()
+
+    def local_rows(self, n: int) -> tuple:
+        """(start, stop): the rows of a leading batch of n split over every device that this
+        process's devices hold (all n with one process; `processes.local_rows`)."""
+        return processes.local_rows(NamedSharding(self.program_mesh, P(BATCH)), n)
 
     def batch(self, tree):
         """Arrays with a leading batch dimension, split across the mesh (see `batch_spec`);

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from quipjax import hessian
+from quipjax.distributed import processes
 from quipjax.distributed.mesh import BATCH
 from quipjax.distributed.placement import Placement, spec_for
 from quipjax.layers.tap import attach_taps, tap_inputs
@@ -166,19 +167,27 @@ class HessianEngine:
         self._step, self._reduce = _hessian_programs(pb.graphdef, pb.tdef, self.mesh, pb.specs,
                                                      groups, shards, acc_tdef, routed)
 
-    def step(self, x, step: int, mask=None):
-        """x (devices * b, T, d) float32; mask (devices * b, T) (0: a padding window, its
-        rows are not counted). Returns the block outputs (a sharded array)."""
+    def local_rows(self, windows: int) -> tuple:
+        """(start, stop): the rows of a step's `windows` (devices * b) that this process
+        feeds (all of them with one process; `processes.local_rows`)."""
+        return processes.local_rows(NamedSharding(self.mesh, P(BATCH)), windows)
+
+    def step(self, x, step: int, mask=None, windows: int = None):
+        """x: this process's rows (`local_rows`) of a step of `windows` = devices * b windows
+        (default: x holds all of them), (rows, T, d) float32; mask (rows, T) (0: a padding
+        window, its rows are not counted). Returns this process's rows of the block outputs
+        (numpy)."""
         D = self.devices
-        if x.shape[0] % D:
-            raise ValueError(f"a step takes a multiple of {D} windows, got {x.shape[0]}")
+        windows = x.shape[0] if windows is None else windows
+        if windows % D:
+            raise ValueError(f"a step takes a multiple of {D} windows, got {windows}")
         mask = np.ones(x.shape[:2], np.float32) if mask is None else np.asarray(mask, np.float32)
         sh = NamedSharding(self.mesh, P(BATCH))
-        x = jax.device_put(np.asarray(x, np.float32), sh)
-        mask = jax.device_put(mask, sh)
+        x = processes.put_local(np.asarray(x, np.float32), sh, windows)
+        mask = processes.put_local(mask, sh, windows)
         j = jnp.int32(step % (self.shards // D))
         y, self.acc = self._step(self._placed.leaves, x, self.acc, j, mask)
-        return y
+        return processes.local_part(y)
 
     def finalize(self) -> dict:
         """{group name: HessianStats} as numpy arrays (H (n, n), mean (n,), count ())."""
@@ -219,7 +228,11 @@ class ShardLift(Lift):
                                      check_vma=False))
 
     def put(self, x):
+        # x is the same on every process (each builds the whole stack from the same files)
         return jax.device_put(x, NamedSharding(self.mesh, P(BATCH)))
+
+    def get(self, x) -> np.ndarray:
+        return processes.to_host(x)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -284,8 +297,11 @@ class EvalPrograms:
                                  pb.leaves))
         self._sh = NamedSharding(mesh, P(BATCH))
 
-    def put(self, tokens):
-        return jax.device_put(tokens, self._sh)
+    def put(self, tokens, n: int = None):
+        """tokens: this process's rows (`Placement.local_rows`) of a batch of n windows
+        (default: all of them) -> the global (n, T) array split over the devices."""
+        n = len(tokens) if n is None else n
+        return processes.put_local(np.asarray(tokens), self._sh, n)
 
     def embed(self, tokens):
         return self._embed(self._table, tokens)

@@ -90,13 +90,17 @@ class ActFile:
             np.ascontiguousarray(arr, np.float32).tofile(f)
 
 
-def embed_windows(src, windows: np.ndarray, path: str, batch: int = 1) -> None:
-    """Write the embeddings (N, T, d) float32 of windows (N, T) int32 to `path`, atomically."""
+def embed_windows(src, windows: np.ndarray, path: str, batch: int = 1, valid=None) -> None:
+    """Write the embeddings (N, T, d) float32 of windows (N, T) int32 to `path`, atomically;
+    rows where `valid` (N,) bool is False (padding) are zeros."""
     emb = np.asarray(src.tensor("model.embed_tokens.weight"), np.float32)
     scale = src.family.embed_scale(src.spec)        # as `DecoderLM.embed` (Gemma: sqrt(d))
     out = ActFile(path + ".tmp.npy", windows.shape + (emb.shape[1],))
     for b in range(0, len(windows), batch):
         x = emb[windows[b:b + batch]]
-        out.write(b, x if scale is None else x * np.float32(scale))
+        x = x if scale is None else x * np.float32(scale)
+        if valid is not None:
+            x = np.where(valid[b:b + batch, None, None], x, np.float32(0))
+        out.write(b, x)
     del emb
     os.replace(path + ".tmp.npy", path)

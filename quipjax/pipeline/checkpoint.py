@@ -56,6 +56,16 @@ def _ocp():
     return ocp
 
 
+def _checkpointer():
+    """An orbax checkpointer of this process alone: the trees are host numpy arrays that
+    process 0 writes by itself (a run of several processes) and every process reads."""
+    import jax
+    ocp = _ocp()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def _write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -97,10 +107,9 @@ def layer_done(ckpt_dir: str, i: int) -> bool:
 
 def _save_tree(path, tree) -> dict:
     """Save a tree of numpy arrays; returns their checksums (computed while orbax writes)."""
-    ocp = _ocp()
     if os.path.exists(path):        # a partial save from a killed run
         shutil.rmtree(path)
-    ck = ocp.StandardCheckpointer()
+    ck = _checkpointer()
     ck.save(os.path.abspath(path), tree)
     sums = _checksums(tree)
     ck.wait_until_finished()
@@ -108,11 +117,10 @@ def _save_tree(path, tree) -> dict:
 
 
 def _restore_tree(path, fix=""):
-    ocp = _ocp()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+        return _checkpointer().restore(os.path.abspath(path))
     except Exception as e:
         raise ValueError(f"{path} could not be read (truncated or corrupt checkpoint){fix}: "
                          f"{e}") from e

@@ -26,7 +26,8 @@ from absl import flags
 from quipjax.pipeline import interrupt
 from quipjax.pipeline.outdir import RunLocked
 
-__all__ = ["run", "UserError", "USER_ERRORS", "one_line", "resolve_flagfile", "expand_args"]
+__all__ = ["run", "UserError", "USER_ERRORS", "one_line", "resolve_flagfile", "expand_args",
+           "define_process_flags", "start_processes", "default_mesh"]
 
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "-help")
 
@@ -93,6 +94,60 @@ def _help(fv) -> str:
              if m == main or m.endswith(os.path.basename(main)) or m.startswith("quipjax")]
     doc = (sys.modules["__main__"].__doc__ or "").strip()
     return "\n\n".join([doc] + parts if doc else parts)
+
+
+def define_process_flags(fv=None) -> None:
+    """--cpu_devices and the flags of a run over several processes (hosts): --distributed,
+    --coordinator, --num_processes, --process_id, --process_timeout, --process_heartbeat.
+    `start_processes` acts on them."""
+    fv = flags.FLAGS if fv is None else fv
+    flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU (testing "
+                         "--mesh without GPUs); 0: the real devices.", flag_values=fv)
+    flags.DEFINE_boolean("distributed", False, "Run as one of several processes (hosts) with "
+                         "jax.distributed: every process runs the same command; the cluster "
+                         "is read from SLURM / Open MPI / TPU / Kubernetes environments, or "
+                         "given by --coordinator, --num_processes and --process_id. --mesh "
+                         "then spans every process's devices (default: data:<all devices>); "
+                         "process 0 logs and writes the files (a file system all processes "
+                         "share).", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "With --distributed: host:port of process 0's "
+                        "coordinator (e.g. node0:12345).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 .. "
+                         "num_processes - 1.", flag_values=fv)
+    flags.DEFINE_integer("process_timeout", 300, "With --distributed: seconds to wait for every "
+                         "process to connect, else every process that came exits with an "
+                         "error.", flag_values=fv)
+    flags.DEFINE_integer("process_heartbeat", 60, "With --distributed: seconds after which a "
+                         "process that stopped answering (died, killed) is declared dead and "
+                         "the others exit with an error instead of waiting.", flag_values=fv)
+
+
+def start_processes(fv=None) -> None:
+    """Act on `define_process_flags`'s flags: simulated CPU devices, then (--distributed)
+    join the other processes. Call before any JAX computation."""
+    fv = flags.FLAGS if fv is None else fv
+    import jax
+    if fv.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", fv.cpu_devices)
+    explicit = [f"--{n}" for n in ("coordinator", "num_processes", "process_id")
+                if fv[n].value is not None]
+    if not fv.distributed:
+        if explicit:
+            raise UserError(f"{', '.join(explicit)} need --distributed")
+        return
+    from quipjax.distributed import processes
+    processes.initialize(fv.coordinator, fv.num_processes, fv.process_id,
+                         timeout=fv.process_timeout, heartbeat=fv.process_heartbeat)
+
+
+def default_mesh(mesh: Optional[str]) -> Optional[str]:
+    """--mesh, or in a run of several processes "data:<every device>"."""
+    import jax
+    if mesh or jax.process_count() == 1:
+        return mesh
+    return f"data:{jax.device_count()}"
 
 
 def _fail(msg: str, code: int = 2) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from quipjax.distributed import EvalPrograms, Placement
+from quipjax.distributed.processes import to_host
 
 __all__ = ["perplexity", "forward_logits", "check_windows"]
 
@@ -55,8 +56,9 @@ def perplexity(model, windows: np.ndarray, *, placement: Placement = Placement()
         # one device takes a short last batch; several pad it (and refuse a ragged device)
         tok = np.zeros((G if D > 1 else len(real), T), np.int32)
         tok[:len(real)] = real
-        tok_d = ev.put(tok)
-        per_dev = np.asarray(ev.nll(ev.blocks(ev.embed(tok_d)), tok_d))   # (D,)
+        lo, hi = placement.local_rows(len(tok))      # this process's windows (all, with one)
+        tok_d = ev.put(tok[lo:hi], len(tok))
+        per_dev = to_host(ev.nll(ev.blocks(ev.embed(tok_d)), tok_d))   # (D,)
         n_real = len(real)
         for d in range(D):
             w = d * batch

@@ -12,16 +12,22 @@ data-parallel over a mesh (windows split over the devices, one all-reduce per la
 windows are dealt to a fixed number of accumulator slots (`shards`) that are combined by an
 exact sum, so the Hessians are the same bits on any mesh. They depend on the batch size
 (windows per forward pass of a device), which is part of the cache key of the pipeline.
+
+In a run of several processes (`quipjax.distributed.processes`) each process embeds, feeds
+and keeps on disk only its share of the windows (the rows of each step its devices take:
+`acts.p<i>of<n>/`), and process 0 writes the Hessians: the same bits as one process.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from typing import Callable, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax.distributed import DEFAULT_HESSIAN_SHARDS, HessianEngine, Placement
+from quipjax.distributed import DEFAULT_HESSIAN_SHARDS, HessianEngine, Placement, processes
 from quipjax.models.adapter import ModelAdapter
 from quipjax.models.families import adapter_of
 from quipjax.models.loaders import CheckpointSource, load_block
@@ -106,24 +112,38 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
     L = src.spec.num_layers
     os.makedirs(hess_dir, exist_ok=True)
     missing = [i for i in range(L) if not os.path.exists(layer_file(hess_dir, i))]
+    processes.barrier("hessians: listed")      # before process 0 writes any layer
     if not missing:
         return
-    work = os.path.join(hess_dir, "acts")
-    os.makedirs(work, exist_ok=True)
-    start = missing[0]
-    if not os.path.exists(acts_path(work, start)):
-        # no saved inputs for `start`: restart the forward from the embeddings
-        start = 0
-        embed_windows(src, windows, acts_path(work, 0), batch)
-    clean_work_dir(work, keep=(start,))
     N, T = windows.shape
     G = placement.devices * batch                 # windows per step
     n_steps = -(-N // G)
+    # this process's rows of every step: window t G + r for r in [lo, hi) (past N: padding,
+    # zero activations and no weight); with one process, every row
+    lo, hi = placement.local_rows(G)
+    rows = (np.arange(n_steps)[:, None] * G + np.arange(lo, hi)[None]).reshape(-1)
+    valid = rows < N
+    local = np.where(valid[:, None], windows[np.minimum(rows, N - 1)], 0)
+    Gl = hi - lo
+    layout = f".p{processes.index()}of{processes.count()}" if processes.count() > 1 else ""
+    work = os.path.join(hess_dir, "acts" + layout)
+    if processes.is_writer():       # what a killed run with another process count left
+        for d in os.listdir(hess_dir):
+            m = re.fullmatch(r"acts(\.p\d+of(\d+))?", d)
+            if m and int(m.group(2) or 1) != processes.count():
+                shutil.rmtree(os.path.join(hess_dir, d))
+    processes.barrier("hessians: cleaned")
+    os.makedirs(work, exist_ok=True)
+    start = missing[0]
+    if (not os.path.exists(acts_path(work, start))
+            or ActFile(acts_path(work, start)).shape[:2] != local.shape):
+        # no saved inputs for `start` (or saved for another device layout): restart the
+        # forward from the embeddings
+        start = 0
+        embed_windows(src, local, acts_path(work, 0), batch, valid=valid)
+    clean_work_dir(work, keep=(start,))
     for i in range(start, L):
         acts = ActFile(acts_path(work, i))
-        if acts.shape[:2] != windows.shape:
-            raise ValueError(f"saved activations {acts.shape} do not match the calibration windows "
-                             f"{windows.shape}: delete {work} to recollect")
         # layers already collected still run through the same (tapped) step, so the
         # activations do not depend on where a run resumed
         adapter = adapter or adapter_of(src.spec)
@@ -131,21 +151,18 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
         out_path = acts_path(work, i + 1)
         out = ActFile(out_path + ".tmp.npy", acts.shape) if i + 1 < L else None
         for t in range(n_steps):
-            b0, b1 = t * G, min((t + 1) * G, N)
-            x = np.zeros((G,) + acts.shape[1:], np.float32)
-            x[:b1 - b0] = acts.read(b0, b1)
-            mask = np.zeros((G, T), np.float32)
-            mask[:b1 - b0] = 1.0
-            y = eng.step(x, t, mask)
-            if out is not None:
-                out.write(b0, np.asarray(y)[:b1 - b0])
+            r0, r1 = t * Gl, (t + 1) * Gl
+            mask = np.repeat(valid[r0:r1, None], T, 1).astype(np.float32)
+            y = eng.step(acts.read(r0, r1), t, mask, windows=G)
+            if out is not None:          # padding rows stay zero, as they entered
+                out.write(r0, np.where(valid[r0:r1, None, None], y, np.float32(0)))
             if progress is not None:
                 progress(i, t + 1, n_steps)
         if out is not None:
             os.replace(out_path + ".tmp.npy", out_path)
-        if i in missing:
+        stats = eng.finalize()          # every process: the reduction is collective
+        if i in missing and processes.is_writer():
             arrays = {}
-            stats = eng.finalize()
             for name, (H, mean, count, pooled) in pool_starved(stats, adapter, i, log).items():
                 arrays[f"H_{name}"] = H
                 arrays[f"mean_{name}"] = mean
@@ -159,3 +176,4 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
         os.remove(acts_path(work, i))
     if os.path.isdir(work) and not os.listdir(work):
         os.rmdir(work)
+    processes.barrier("hessians: saved")      # the others read what process 0 wrote

@@ -24,7 +24,7 @@ import numpy as np
 
 from quipjax import codebooks
 
-from quipjax.distributed import Placement, ShardLift, one_device_mesh
+from quipjax.distributed import Placement, ShardLift, one_device_mesh, processes
 from quipjax.group import QuantizedGroup, fuse, group_key
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
 from quipjax.models.families import adapter_of, family_of
@@ -126,6 +126,7 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
     {group: curve}, "seconds"}.
     """
     todo = [i for i in layers if not ckpt.layer_done(out, i)]
+    processes.barrier("quantize_layers: listed")   # before process 0 saves any layer
     for c0 in range(0, len(todo), hook.width):
         chunk = todo[c0:c0 + hook.width]
         t0 = time.perf_counter()
@@ -154,10 +155,12 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
         for i in chunk:
             info[i]["seconds"] = dt
             final, fp_params = hook.end(i, groups[i])
-            ckpt.save_layer(out, i, final, fp_params, info[i])
+            if processes.is_writer():         # every process holds the same codes
+                ckpt.save_layer(out, i, final, fp_params, info[i])
             hook.saved(i)
             if progress:
                 progress(i, info[i])
+    processes.barrier("quantize_layers: saved")    # the others read what process 0 wrote
 
 
 def check_model(spec, codebook: str, adapter=None, kw: Optional[dict] = None) -> None:

@@ -18,10 +18,11 @@ import sys
 import time
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quipjax.distributed import Placement, parse_mesh
+from quipjax.distributed import Placement, parse_mesh, processes
 from quipjax.models.adapter import ModelAdapter
 from quipjax.models.families import adapter_of
 from quipjax.rule import rules_to_json
@@ -35,14 +36,14 @@ from quipjax.pipeline.quantization import (SourceLayers, check_model, group_sett
 from quipjax.pipeline.settings import RunConfig
 from quipjax.pipeline.tuning import ActivationWindows, BlockTuner, finetune_e2e
 
-__all__ = ["Job", "quantize_model", "open_job", "fp_stage", "hessian_stage", "quantize_stage",
+__all__ = ["Job", "quantize_model", "open_job", "check_processes", "fp_stage", "hessian_stage", "quantize_stage",
            "e2e_stage", "bits_stage", "hessian_key", "measure", "fp_perplexity", "checkpoint_perplexity",
            "tokenizer_from_ref", "eval_sets", "perplexity_bar", "progress_bar"]
 
 
 def progress_bar(total, desc):
-    """A tqdm bar on stderr; each step raises a Ctrl-C that a library swallowed
-    (`interrupt.check`)."""
+    """A tqdm bar on stderr (process 0's only, in a run of several processes); each step
+    raises a Ctrl-C that a library swallowed (`interrupt.check`)."""
     from tqdm import tqdm
 
     class Bar(tqdm):
@@ -53,7 +54,8 @@ def progress_bar(total, desc):
         def refresh(self, *a, **k):
             interrupt.check()
             return super().refresh(*a, **k)
-    return Bar(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+    return Bar(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
+               disable=not processes.is_writer())
 
 
 def perplexity_bar(model, windows, desc: str, placement: Placement = Placement()) -> dict:
@@ -104,7 +106,8 @@ def fp_perplexity(src: CheckpointSource, sets: dict, dtype: str,
         for name, (w, path) in todo.items():
             r = perplexity_bar(model, w, f"FP ppl {name}", placement)
             out[name] = {"ppl": r["ppl"], "tokens": r["tokens"]}
-            _write_json(path, out[name])
+            if processes.is_writer():
+                _write_json(path, out[name])
     return out
 
 
@@ -150,6 +153,7 @@ class Job:
     hessian_dir: Optional[str] = None
     calibration: Optional[calibration.CalibrationPlan] = None   # the calibration windows
     lock: Optional[outdir.FileLock] = None     # of the output directory, held while it runs
+    #                                            (by process 0 of a run of several processes)
     rules: tuple = ()                # --rules, before the family's own
     adapter: Optional[ModelAdapter] = None     # the linear groups (from the rules)
     kw: Optional[dict] = None                  # {group: quantize settings}
@@ -211,6 +215,20 @@ def identity_diff(have: dict, want: dict, ignore_e2e: bool = False) -> list:
     return diff
 
 
+def check_processes(cfg: RunConfig, placement: Placement) -> None:
+    """A run of several processes needs a mesh over every process's devices, and does not
+    fine-tune yet: clear errors before any work."""
+    if processes.count() == 1:
+        return
+    if placement.mesh is None:
+        raise ValueError(f"a run of {processes.count()} processes needs --mesh over all their "
+                         f"devices (e.g. --mesh=data:{len(jax.devices())})")
+    if cfg.ft.epochs > 0 or cfg.e2e.epochs > 0:
+        raise ValueError("fine-tuning does not run across several processes yet: quantize with "
+                         "--ft_epochs=0 --e2e_epochs=0 there, or fine-tune in one process "
+                         "(its --mesh can span that host's devices)")
+
+
 def open_job(cfg: RunConfig, log=print) -> Job:
     """Check the settings and the model, open the source, then claim the output directory
     (lock, ownership) and resume or start it. Nothing is written before the checks pass."""
@@ -224,6 +242,7 @@ def open_job(cfg: RunConfig, log=print) -> Job:
     kw = group_settings(cfg.settings, adapter, rules)
     check_model(src.spec, cfg.settings.codebook, adapter, kw)
     placement = Placement(parse_mesh(cfg.mesh))
+    check_processes(cfg, placement)
     if cfg.hessian_shards % placement.devices:
         raise ValueError(f"hessian_shards ({cfg.hessian_shards}) must be a positive multiple of "
                          f"the number of devices ({placement.devices}); the Hessians depend on it "
@@ -248,12 +267,15 @@ def open_job(cfg: RunConfig, log=print) -> Job:
               rules=rules, adapter=adapter, kw=kw)
     job.seconds["calibration_plan"] = time.perf_counter() - t
     job.metrics["calibration"] = plan.stats
-    job.lock = outdir.FileLock(out, f"the output directory {out}").acquire()
-    try:
-        _resume_or_start(job)
-    except BaseException:
-        job.lock.release()
-        raise
+    processes.barrier("open_job: checked")     # every process sees the directory as it was
+    if processes.is_writer():
+        job.lock = outdir.FileLock(out, f"the output directory {out}").acquire()
+        try:
+            _resume_or_start(job)
+        except BaseException:
+            job.lock.release()
+            raise
+    processes.barrier("open_job: started")
     return job
 
 
@@ -327,11 +349,14 @@ def hessian_stage(job: Job) -> str:
             job.log(f"reusing the Hessians in {hdir}")
             return hdir
         # one collector per cache entry: a second run with the same calibration waits for it
-        lock = outdir.FileLock(hdir, f"the Hessian cache {hdir}").acquire(wait=True, log=job.log)
+        lock = (outdir.FileLock(hdir, f"the Hessian cache {hdir}").acquire(wait=True, log=job.log)
+                if processes.is_writer() else None)
+        processes.barrier("hessians: locked")
         try:
             _collect(job, windows, hdir, missing())
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     return hdir
 
 
@@ -364,9 +389,10 @@ def quantize_stage(job: Job, hdir: str) -> None:
     cfg, src, out = job.cfg, job.src, job.out
     L = src.spec.num_layers
     with job.timed("quantize"):
-        if not os.path.exists(os.path.join(out, "globals.json")):
+        if not os.path.exists(os.path.join(out, "globals.json")) and processes.is_writer():
             g = {ckpt.GLOBAL_NAMES[p]: src.tensor(n) for p, n in global_names(src.spec).items()}
             ckpt.save_globals(out, g)
+        processes.barrier("quantize: globals")
         tuning = cfg.ft.epochs > 0
         bar = progress_bar(L, f"quantize {cfg.settings.codebook}" + (" + in-block FT" if tuning else ""))
         try:
@@ -406,7 +432,8 @@ def e2e_stage(job: Job) -> None:
     if cfg.e2e.epochs > 0 and not ckpt.e2e_done(out):
         if cfg.evaluate and cfg.eval_before_e2e and "before_e2e" not in ppl:
             measure(job, "before_e2e", "perplexity before end-to-end tuning")
-            _write_json(os.path.join(out, "metrics.json"), job.metrics, 1)   # kept if e2e dies
+            if processes.is_writer():                   # kept if e2e dies
+                _write_json(os.path.join(out, "metrics.json"), job.metrics, 1)
         with job.timed("e2e_finetune"):
             windows = job.calibration.windows("e2e")
             finetune_e2e(out, job.src, cfg.e2e, cfg.tune_dtype, windows,
@@ -458,13 +485,20 @@ def measure(job: Job, name: str, what: str) -> None:
 
 
 def quantize_model(cfg: RunConfig, log=print) -> dict:
-    """Run the whole job; returns the metrics dict (also written to output_dir/metrics.json)."""
+    """Run the whole job; returns the metrics dict (also written to output_dir/metrics.json).
+    In a run of several processes (`processes.initialize`) every process calls it; process 0
+    logs, shows progress and writes files."""
     t_start = time.perf_counter()
-    job = open_job(cfg, log)
+    job = open_job(cfg, log if processes.is_writer() else _quiet)
     try:
         return _run(job, t_start)
     finally:
-        job.lock.release()
+        if job.lock is not None:
+            job.lock.release()
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than 0."""
 
 
 def _run(job: Job, t_start: float) -> dict:
@@ -481,5 +515,9 @@ def _run(job: Job, t_start: float) -> dict:
     job.metrics["seconds"] = job.seconds
     job.metrics["settings"] = dict(job.want, eval_ctx_size=cfg.eval_ctx_size, dtype=cfg.dtype,
                                    mesh=job.placement.describe())
-    _write_json(os.path.join(cfg.output_dir, "metrics.json"), job.metrics, 1)
+    if processes.count() > 1:
+        job.metrics["settings"]["processes"] = processes.count()
+    if processes.is_writer():
+        _write_json(os.path.join(cfg.output_dir, "metrics.json"), job.metrics, 1)
+    processes.barrier("run: done")
     return job.metrics
