@@ -4,6 +4,7 @@
     python experiments/plan.py --model=/path/to/Llama-2-70b-hf --mesh=data:2,model:4 \
         --flagfile=experiments/configs/llama7b_2bit.cfg
     python experiments/plan.py --mesh=data:8          # the shipped SmolLM2 (its GGUF header)
+    python experiments/plan.py --model=tests/data/configs/llama2_70b.json --mesh=data:2,model:8 --hosts=2
 
 Reads only the model's configuration: a Hugging Face folder's config.json (or the json file
 itself), a .gguf's header, or the default SmolLM2. Takes quantize.py's flags (so its flagfiles
@@ -36,6 +37,9 @@ flags.DEFINE_float("speedup", 1.0, "Divide the measured times by this (a device 
 flags.DEFINE_string("costs", None, "JSON lines from bench_sharding_costs.py --out (default: the "
                     "built-in costs, quipjax.pipeline.plan.MEASURED, with their machine).")
 flags.DEFINE_boolean("json", False, "Print the plan as one JSON object instead of tables.")
+flags.DEFINE_integer("hosts", 1, "Hosts (processes of a --distributed run) the mesh's devices "
+                     "are spread over, the same number each: adds each host's memory and "
+                     "interconnect traffic.")
 
 
 def _hms(s):
@@ -54,7 +58,8 @@ def main(argv):
     c = PlanCosts.from_jsonl(FLAGS.costs) if FLAGS.costs else PlanCosts.builtin()
 
     def run(shape):
-        return plan(spec, shape, c, cfg, device_gb=FLAGS.device_memory_gb, speedup=FLAGS.speedup)
+        return plan(spec, shape, c, cfg, device_gb=FLAGS.device_memory_gb, speedup=FLAGS.speedup,
+                    hosts=FLAGS.hosts)
 
     def total(stages):
         return sum((2 if s["name"].startswith("perplexity") else 1) * s["seconds"]
@@ -86,6 +91,20 @@ def main(argv):
     for s in stages:
         parts = ", ".join(f"{k} {v / 1024 ** 3:.2f}" for k, v in s["memory"].items())
         print(f"- {s['name']}: {parts} GB. {s['notes']}")
+    if FLAGS.hosts > 1:
+        print()
+        print(f"Per host ({FLAGS.hosts} hosts x {D // FLAGS.hosts} devices):")
+        print("| stage | device memory of a host (GB) | host RAM / disk of a process (GB) | "
+              "interconnect out of a host (GB) |")
+        print("|---|---|---|---|")
+        for s in stages:
+            print(f"| {s['name']} | {s['host_memory_gb']:.1f} | "
+                  f"{sum(s['host'].values()) / 1024 ** 3:.2f} | "
+                  f"{sum(s['network'].values()) / 1024 ** 3:.2f} |")
+        for s in stages:
+            parts = [f"{k} {v / 1024 ** 3:.2f} GB" for k, v in {**s["host"], **s["network"]}.items()]
+            if parts:
+                print(f"- {s['name']}: {', '.join(parts)}")
     if not all(s["fits"] for s in stages):
         print()
         print("Some stage does not fit: a larger model axis (--mesh=data:a,model:b) shards the "

@@ -127,3 +127,33 @@ def test_fine_tuning_counts_the_quantization_once():
     assert "HYB2 Viterbi search" in got[2]["notes"]
     nofit = dataclasses.replace(base, ft=dataclasses.replace(base.ft, epochs=0))
     assert plan(spec, mesh, PlanCosts.builtin(), nofit)[1].get("counted", True)
+
+
+def test_hosts_add_per_host_memory_and_interconnect_traffic():
+    """hosts=H: a stage's devices' memory on one host is per-device x D / H; the Hessian
+    all-reduce sends 2 (H - 1) / H x (a pmax and 3 psums of every group's n x n float32, plus
+    its mean and count pairs) per layer out of a host, counted here from the shapes by hand;
+    the model axis inside a host moves no weight over the interconnect, across hosts it
+    does; hosts must divide the device count."""
+    import dataclasses
+    spec, _ = read_spec(os.path.join(CONFIGS, "llama2_70b.json"))
+    cfg = dataclasses.replace(_paper_config(), hessian_shards=16)
+    costs = PlanCosts.builtin()
+    one = plan(spec, {"data": 2, "model": 8}, costs, cfg)
+    two = plan(spec, {"data": 2, "model": 8}, costs, cfg, hosts=2)
+    assert [s["memory_gb"] for s in one] == [s["memory_gb"] for s in two]
+    assert [s["seconds"] for s in one] == [s["seconds"] for s in two]
+    assert all(s["host_memory_gb"] == s["memory_gb"] * 8 for s in two)
+    assert all(sum(s["network"].values()) == 0 for s in one)
+    d, f = spec.hidden_size, spec.intermediate_size
+    ns = [d, spec.num_heads * spec.head_dim, d, f]          # inputs of qkv, o, up, down
+    per_layer = sum(16 * (n * n + n + 1) for n in ns)
+    h = two[0]["network"]
+    assert h["Hessian all-reduce"] == pytest.approx(spec.num_layers * per_layer * 2 * 1 / 2)
+    assert "weight all-gathers (model axis across hosts)" not in h      # model:8 inside a host
+    four = plan(spec, {"data": 1, "model": 16}, costs, cfg, hosts=2)
+    assert four[0]["network"]["Hessian all-reduce"] == pytest.approx(h["Hessian all-reduce"])
+    assert four[0]["network"]["weight all-gathers (model axis across hosts)"] > 0
+    assert four[-1]["network"]["weight all-gathers (model axis across hosts)"] > 0
+    with pytest.raises(ValueError, match="spread evenly"):
+        plan(spec, {"data": 2, "model": 8}, costs, cfg, hosts=3)

@@ -80,8 +80,9 @@ def parse_mesh(spec: Optional[str], devices: Optional[Sequence] = None,
 
 
 def one_device_mesh() -> Mesh:
-    """The mesh of the default (no --mesh) programs: the first device, axes of size 1."""
-    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), AXES,
+    """The mesh of the default (no --mesh) programs: this process's first device, axes of
+    size 1 (in a run of several processes each computes such a program by itself)."""
+    return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1), AXES,
                 axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 

@@ -21,7 +21,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-__all__ = ["initialize", "count", "index", "is_writer", "barrier", "local_rows", "put_local",
+__all__ = ["initialize", "count", "index", "is_writer", "barrier", "local_dir", "local_rows",
+           "put_local",
            "local_part", "to_host", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 300           # seconds a process waits for the others to start
@@ -87,6 +88,14 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def local_dir(path: str) -> str:
+    """This process's own work directory beside `path`: `path` itself with one process, else
+    `path.p<index>of<count>` (work files that only this process reads and writes)."""
+    if jax.process_count() == 1:
+        return path
+    return f"{path}.p{jax.process_index()}of{jax.process_count()}"
 
 
 def local_rows(sharding, n: int) -> tuple:

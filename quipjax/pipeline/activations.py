@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from quipjax.distributed.processes import to_host
+
 __all__ = ["ActFile", "acts_path", "embed_windows", "forward_file", "clean_work_dir"]
 
 
@@ -45,7 +47,7 @@ def forward_file(fwd: Callable, xf: "ActFile", path: str, devices: int = 1) -> "
     for b in range(0, N, devices):
         x = np.zeros((devices,) + xf.shape[1:], np.float32)
         x[:min(devices, N - b)] = xf.read(b, min(b + devices, N))
-        yf.write(b, np.asarray(fwd(x))[:min(devices, N - b)])
+        yf.write(b, to_host(fwd(x))[:min(devices, N - b)])
     os.replace(tmp, path)
     return ActFile(path)
 

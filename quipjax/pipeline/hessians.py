@@ -125,8 +125,7 @@ def collect_hessians(src: CheckpointSource, windows: np.ndarray, hess_dir: str, 
     valid = rows < N
     local = np.where(valid[:, None], windows[np.minimum(rows, N - 1)], 0)
     Gl = hi - lo
-    layout = f".p{processes.index()}of{processes.count()}" if processes.count() > 1 else ""
-    work = os.path.join(hess_dir, "acts" + layout)
+    work = processes.local_dir(os.path.join(hess_dir, "acts"))
     if processes.is_writer():       # what a killed run with another process count left
         for d in os.listdir(hess_dir):
             m = re.fullmatch(r"acts(\.p\d+of(\d+))?", d)

@@ -207,10 +207,22 @@ class _Setup:
     cfg: RunConfig
     dtype_bytes: int
     speedup: float
+    hosts: int = 1
 
     @property
     def D(self) -> int:
         return int(np.prod(list(self.mesh.values())))
+
+    @property
+    def per_host(self) -> int:
+        """Devices of one host (process)."""
+        return self.D // self.hosts
+
+    @property
+    def ring(self) -> float:
+        """Bytes one host sends (and receives) per byte of an all-reduce over the hosts, after
+        its devices reduced among themselves: 2 (H - 1) / H (ring)."""
+        return 2 * (self.hosts - 1) / self.hosts
 
     @property
     def M(self) -> int:
@@ -255,10 +267,18 @@ def _hessian_stage(s: _Setup) -> dict:
     peak = s.block_w / s.M + s.gathered + slots * state_b + max(step_tmp, reduce_tmp)
     n_steps = math.ceil(devset / (D * batch))
     t_step = _block_seconds(s.costs, spec, ctx, "hessian_step_s") * batch
-    return dict(name="Hessian collection", memory=mem, peak=peak,
+    # the exact reduction per group: one pmax and three psums of n x n float32 (the H pair;
+    # the mean and count pairs are small): 16 n^2 bytes of all-reduce per layer
+    payload = sum(16 * (n * n + n + 1) for _, n in shapes.values())
+    net = {"Hessian all-reduce": L * payload * s.ring}
+    if s.M > s.per_host:        # the model axis crosses hosts: every step gathers weights
+        net["weight all-gathers (model axis across hosts)"] = (
+            L * n_steps * s.block_w * (1 - s.per_host / s.M))
+    host = {"activation files on disk (2 layers)": 2 * math.ceil(devset / s.hosts) * ctx * d * 4}
+    return dict(name="Hessian collection", memory=mem, peak=peak, network=net, host=host,
                 seconds=L * n_steps * t_step / s.speedup,
                 notes=f"{L} layers x {n_steps} steps of {D} x {batch} window(s) of {ctx} tokens; "
-                      f"{t_step:.2f} s/step measured-scaled; one psum per layer; host streams "
+                      f"{t_step:.2f} s/step measured-scaled; one exact all-reduce per layer; host streams "
                       f"{devset} x {ctx} x {d} float32 activations per layer "
                       f"({devset * ctx * d * 4 / GB:.1f} GB on disk x 2)")
 
@@ -305,7 +325,12 @@ def _quantize_stage(s: _Setup) -> dict:
     search, note = _search_seconds(s, math.ceil(L / D))
     secs += search
     detail += [note] if note else []
+    # every process gathers the codes, SU and SV of the matrices its devices did not quantize
+    bits = codebooks.get(s.cfg.settings.codebook).bits_per_weight
+    codes = L * sum(m * n * bits / 8 + 4 * (m + n) for m, n in _group_shapes(s.spec).values())
+    net = {"codes gathered from the other hosts": codes * (1 - 1 / s.hosts)}
     return dict(name="quantization (no FT)", memory={"one matrix (W, H, Hr, L, temps)": mem_q},
+                network=net, host={"one stack of W and H (every process builds it)": host},
                 seconds=secs / s.speedup,
                 notes="; ".join(detail) + f"; {L} layers x 4 groups, {D} at a time; host RAM "
                       f"for one stack of W and H: {host / GB:.1f} GB")
@@ -366,20 +391,35 @@ def _eval_stage(s: _Setup) -> dict:
     mem = {"model weights (sharded over model)": model_w / s.M,
            "one gathered block": s.gathered,
            "activations + logits (one window)": ctx * (4 * d + 2 * f) * 4 + ctx * V * 4 * 3}
-    return dict(name="perplexity (each of FP and quantized)", memory=mem,
+    net = {}
+    if s.M > s.per_host:
+        net["weight all-gathers (model axis across hosts)"] = (
+            math.ceil(windows / s.D) * L * s.block_w * (1 - s.per_host / s.M))
+    return dict(name="perplexity (each of FP and quantized)", memory=mem, network=net,
                 seconds=math.ceil(windows / s.D) * L * fw / s.speedup,
                 notes=f"{windows} windows of {ctx} tokens, {s.D} at a time; weights gathered "
                       "block by block")
 
 
 def plan(spec: LlamaSpec, mesh_shape: dict, costs: PlanCosts, cfg: RunConfig = RunConfig(), *,
-         device_gb: float = 80.0, speedup: float = 1.0) -> list:
+         device_gb: float = 80.0, speedup: float = 1.0, hosts: int = 1) -> list:
     """Memory per device and time of each stage of `quantize_model(cfg)` on a mesh
     ({"data": a, "model": b}), from the model's spec alone. Returns a list of stage dicts
     (name, memory parts in bytes, memory_gb, fits, seconds, notes; counted: False for a stage
     whose time another stage holds, the quantization when in-block fine-tuning runs). Times are the measured
-    costs (one device of the measuring machine, see `costs.sources()`) divided by `speedup`."""
-    s = _Setup(spec, mesh_shape, costs, cfg, 2 if cfg.dtype == "bfloat16" else 4, speedup)
+    costs (one device of the measuring machine, see `costs.sources()`) divided by `speedup`.
+
+    hosts: processes the devices are spread over (`--distributed`), the same number of devices
+    each. Every stage then also has "host_memory_gb" (its devices' memory on one host),
+    "host" (host RAM and disk of one process, bytes) and "network" (bytes one host sends over
+    the interconnect for the whole stage: the Hessian all-reduce, ring-style after a reduction
+    inside the host; weight all-gathers when the model axis crosses hosts; the codes every
+    process gathers)."""
+    s = _Setup(spec, mesh_shape, costs, cfg, 2 if cfg.dtype == "bfloat16" else 4, speedup,
+               int(hosts))
+    if s.hosts < 1 or s.D % s.hosts:
+        raise ValueError(f"{s.D} devices cannot be spread evenly over {hosts} hosts: --hosts "
+                         "must divide the mesh's device count")
     if cfg.hessian_shards % s.D:
         raise ValueError(f"hessian_shards ({cfg.hessian_shards}) must be a multiple of the "
                          f"number of devices ({s.D})")
@@ -395,4 +435,7 @@ def plan(spec: LlamaSpec, mesh_shape: dict, costs: PlanCosts, cfg: RunConfig = R
     for st in stages:
         st["memory_gb"] = st.get("peak", sum(st["memory"].values())) / GB
         st["fits"] = st["memory_gb"] <= device_gb
+        st["host_memory_gb"] = st["memory_gb"] * s.per_host
+        st.setdefault("network", {})
+        st.setdefault("host", {})
     return stages

@@ -54,6 +54,11 @@ def progress_bar(total, desc):
         def refresh(self, *a, **k):
             interrupt.check()
             return super().refresh(*a, **k)
+
+        def log(self, msg):
+            """A line above the bar (none from a disabled bar: processes other than 0)."""
+            if not self.disable:
+                self.write(msg)
     return Bar(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
                disable=not processes.is_writer())
 
@@ -216,17 +221,11 @@ def identity_diff(have: dict, want: dict, ignore_e2e: bool = False) -> list:
 
 
 def check_processes(cfg: RunConfig, placement: Placement) -> None:
-    """A run of several processes needs a mesh over every process's devices, and does not
-    fine-tune yet: clear errors before any work."""
-    if processes.count() == 1:
-        return
-    if placement.mesh is None:
+    """A run of several processes needs a mesh over every process's devices: a clear error
+    before any work."""
+    if processes.count() > 1 and placement.mesh is None:
         raise ValueError(f"a run of {processes.count()} processes needs --mesh over all their "
                          f"devices (e.g. --mesh=data:{len(jax.devices())})")
-    if cfg.ft.epochs > 0 or cfg.e2e.epochs > 0:
-        raise ValueError("fine-tuning does not run across several processes yet: quantize with "
-                         "--ft_epochs=0 --e2e_epochs=0 there, or fine-tune in one process "
-                         "(its --mesh can span that host's devices)")
 
 
 def open_job(cfg: RunConfig, log=print) -> Job:
@@ -379,7 +378,7 @@ def _collect(job: Job, windows, hdir: str, n_missing: int) -> None:
         hessians.collect_hessians(job.src, windows, hdir, dtype=jnp.dtype(cfg.dtype),
                                   batch=cfg.batch_size, progress=progress,
                                   placement=job.placement, shards=cfg.hessian_shards,
-                                  log=bar.write, adapter=job.adapter)
+                                  log=bar.log, adapter=job.adapter)
     finally:
         bar.close()
 
@@ -400,10 +399,11 @@ def quantize_stage(job: Job, hdir: str) -> None:
             hook = SourceLayers(src, job.placement, job.adapter)
             if tuning:
                 windows = job.calibration.windows("ft")
-                acts = ActivationWindows(src, os.path.join(out, "ft_acts"), cfg.ft, cfg.tune_dtype,
+                acts = ActivationWindows(src, processes.local_dir(os.path.join(out, "ft_acts")),
+                                         cfg.ft, cfg.tune_dtype,
                                          windows, seed=cfg.settings.seed, placement=job.placement)
                 hook = BlockTuner(cfg.ft, cfg.tune_dtype, acts, seed=cfg.settings.seed,
-                                  placement=job.placement, log=bar.write,
+                                  placement=job.placement, log=bar.log,
                                   adapter=job.adapter)
 
             def progress(i, info):
@@ -438,7 +438,7 @@ def e2e_stage(job: Job) -> None:
             windows = job.calibration.windows("e2e")
             finetune_e2e(out, job.src, cfg.e2e, cfg.tune_dtype, windows,
                          placement=job.placement, log=job.log, adapter=job.adapter)
-    if cfg.ft.epochs > 0 or cfg.e2e.epochs > 0:
+    if (cfg.ft.epochs > 0 or cfg.e2e.epochs > 0) and processes.is_writer():
         curves.write_curves(out, job.src.spec.num_layers)
 
 

@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from quipjax import layers, training
-from quipjax.distributed import Placement, ShardLift, block_forward_fn, one_device_mesh
+from quipjax.distributed import Placement, ShardLift, block_forward_fn, one_device_mesh, processes
+from quipjax.distributed.processes import to_host
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
 from quipjax.models.families import adapter_of
 from quipjax.models.llama import Linear
@@ -151,7 +152,7 @@ class BlockTuner(LayerHook):
         self.block, self.batches = self.placement.module(block), (train_b, valid_b)
 
     def weights(self, i, member):
-        return np.asarray(get_path(self.block, member).weight[...], np.float32)
+        return to_host(get_path(self.block, member).weight[...]).astype(np.float32)
 
     def after_group(self, i, index, group):
         layers.attach_tunable(self.block, group, self.cdt, self.ft.train_table)
@@ -245,9 +246,11 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
                                             () if g.ql.table is None else (g.ql.table,))
                                         for k, g in tuned.items()},
                              "norms": adapter.fp_params(block)})
-    glob = {"norm": np.asarray(model.norm.weight[...])}
+    glob = {"norm": to_host(model.norm.weight[...])}
     if e2e.train_head:
-        glob[head] = np.asarray((model.embed_tokens if head == "embed_tokens"
-                                 else model.lm_head.weight)[...])
-    ckpt.save_e2e(ckpt_dir, tuned_layers, glob, {"curve": curve})
+        glob[head] = to_host((model.embed_tokens if head == "embed_tokens"
+                              else model.lm_head.weight)[...])
+    if processes.is_writer():
+        ckpt.save_e2e(ckpt_dir, tuned_layers, glob, {"curve": curve})
+    processes.barrier("e2e: saved")
     return curve
