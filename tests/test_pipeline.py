@@ -86,6 +86,9 @@ def test_quantize_resume_reload_and_errors(tiny_hf, tmp_path, monkeypatch, run_k
     with open(os.path.join(cfg.output_dir, "metrics.json")) as f:
         saved = json.load(f)
     assert set(saved["seconds"]) >= {"fp_eval", "hessians", "quantize", "quantized_eval"}
+    stages = set(saved["seconds"]) - {"total", "calibration_plan"}
+    assert set(saved["peak_rss_gb"]) == stages                 # every timed stage's peak
+    assert all(0.05 < v < 64 for v in saved["peak_rss_gb"].values()), saved["peak_rss_gb"]
 
     # a run killed after one layer resumes and ends with the same codes, also after its model
     # folder was moved, touched and given a README (the identity is the files' content)

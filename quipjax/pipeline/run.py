@@ -31,6 +31,7 @@ from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import calibration, curves, data, evaluate, hessians, interrupt, outdir
 from quipjax.pipeline.build import build_model
+from quipjax.pipeline.peak_memory import PeakRSS
 from quipjax.pipeline.quantization import (SourceLayers, check_model, group_settings,
                                            quantize_layers)
 from quipjax.pipeline.settings import RunConfig
@@ -154,6 +155,7 @@ class Job:
     want: dict                       # the run's identity (compared on resume)
     metrics: dict = dataclasses.field(default_factory=lambda: {"ppl": {}, "tokens": {}})
     seconds: dict = dataclasses.field(default_factory=dict)
+    peak_rss_gb: dict = dataclasses.field(default_factory=dict)    # per stage, this process
     sets: dict = dataclasses.field(default_factory=dict)
     hessian_dir: Optional[str] = None
     calibration: Optional[calibration.CalibrationPlan] = None   # the calibration windows
@@ -169,9 +171,12 @@ class Job:
 
     @contextlib.contextmanager
     def timed(self, name: str):
+        """Time a stage into `seconds` and its peak RSS into `peak_rss_gb` (`PeakRSS`)."""
         t = time.perf_counter()
-        yield
+        with PeakRSS() as peak:
+            yield
         self.seconds[name] = time.perf_counter() - t
+        self.peak_rss_gb[name] = round(peak.gb, 3)
 
 
 def _identity(cfg: RunConfig, src: CheckpointSource, calib: dict) -> dict:
@@ -513,6 +518,7 @@ def _run(job: Job, t_start: float) -> dict:
         measure(job, "quantized", "quantized perplexity")
     job.seconds["total"] = time.perf_counter() - t_start
     job.metrics["seconds"] = job.seconds
+    job.metrics["peak_rss_gb"] = job.peak_rss_gb
     job.metrics["settings"] = dict(job.want, eval_ctx_size=cfg.eval_ctx_size, dtype=cfg.dtype,
                                    mesh=job.placement.describe())
     if processes.count() > 1:
