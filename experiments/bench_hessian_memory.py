@@ -31,39 +31,6 @@ flags.DEFINE_integer("layers", 2, "Blocks of the random 7B-shaped model.")
 flags.DEFINE_string("child", None, "Internal: run one collection (json args).")
 
 
-def make_7b_folder(path, layers):
-    import jax
-    import jax.numpy as jnp
-    from safetensors.flax import save_file
-    d, f, v = 4096, 11008, 32000
-    cfg = {"model_type": "llama", "vocab_size": v, "hidden_size": d, "intermediate_size": f,
-           "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32,
-           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-           "max_position_embeddings": 4096}
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(cfg, fh)
-    key = jax.random.key(0)
-
-    def rnd(shape):
-        nonlocal key
-        key, k = jax.random.split(key)
-        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
-    save_file({"model.embed_tokens.weight": rnd((v, d)), "lm_head.weight": rnd((v, d)),
-               "model.norm.weight": jnp.ones((d,), jnp.bfloat16)},
-              os.path.join(path, "model-globals.safetensors"))
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t = {p + "input_layernorm.weight": jnp.ones((d,), jnp.bfloat16),
-             p + "post_attention_layernorm.weight": jnp.ones((d,), jnp.bfloat16)}
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t[p + f"self_attn.{n}.weight"] = rnd((d, d))
-        t[p + "mlp.gate_proj.weight"] = rnd((f, d))
-        t[p + "mlp.up_proj.weight"] = rnd((f, d))
-        t[p + "mlp.down_proj.weight"] = rnd((d, f))
-        save_file(t, os.path.join(path, f"model-layer{i}.safetensors"))
-
-
 def child(args):
     import numpy as np
     from quipjax.models.loaders import open_checkpoint
@@ -86,7 +53,8 @@ def main(argv):
         model = None
         if FLAGS.shape == "llama2_7b":
             model = os.path.join(tmp, "llama2_7b_shaped")
-            make_7b_folder(model, FLAGS.layers)
+            from random_model import SHAPES, write_random_folder      # this directory
+            write_random_folder(model, SHAPES["llama2_7b"], FLAGS.layers)
         print("| model | windows x ctx | peak RSS (MB) | seconds |")
         print("|---|---|---|---|")
         for n in FLAGS.devset_sizes:

@@ -21,39 +21,41 @@ flags.DEFINE_string("a", None, "First checkpoint directory.", required=True)
 flags.DEFINE_string("b", None, "Second checkpoint directory.", required=True)
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    ma, mb = ckpt.read_meta(FLAGS.a), ckpt.read_meta(FLAGS.b)
-    n = ma["model"]["num_layers"]
-    if mb["model"]["num_layers"] != n:
-        print("different models")
-        sys.exit(1)
-    diffs, arrays = 0, 0
-    for i in range(n):
-        ga, na, _ = ckpt.load_layer(FLAGS.a, i)
-        gb, nb, _ = ckpt.load_layer(FLAGS.b, i)
+def compare(a: str, b: str, layers=None, globals_: bool = True) -> tuple:
+    """(arrays compared, [what differs]) of checkpoints a and b: every layer of `layers`
+    (default all; both must have them), the globals and the e2e overrides (with globals_)."""
+    ma, mb = ckpt.read_meta(a), ckpt.read_meta(b)
+    na_, nb_ = ma["model"]["num_layers"], mb["model"]["num_layers"]
+    if (layers is None and na_ != nb_) or max(layers or [0], default=0) >= min(na_, nb_):
+        return 0, [f"different models ({na_} and {nb_} layers)"]
+    layers = range(na_) if layers is None else layers
+    diffs, arrays = [], 0
+    for i in layers:
+        ga, na, _ = ckpt.load_layer(a, i)
+        gb, nb, _ = ckpt.load_layer(b, i)
         for name in sorted(set(ga) | set(gb)):
+            if name not in ga or name not in gb:
+                arrays += 1
+                diffs.append(f"layer {i} {name} is in one checkpoint only")
+                continue
             for field in ("codes", "SU", "SV"):
                 x, y = np.asarray(getattr(ga[name].ql, field)), np.asarray(getattr(gb[name].ql, field))
                 arrays += 1
                 if x.shape != y.shape or not np.array_equal(x, y):
-                    diffs += 1
-                    print(f"layer {i} {name}.{field} differs")
+                    diffs.append(f"layer {i} {name}.{field} differs")
             arrays += 1
             if not np.array_equal(np.asarray(ga[name].scales), np.asarray(gb[name].scales)):
-                diffs += 1
-                print(f"layer {i} {name}.scales differs")
+                diffs.append(f"layer {i} {name}.scales differs")
         for k in sorted(set(na) | set(nb)):
             arrays += 1
             if k not in na or k not in nb or not np.array_equal(np.asarray(na[k]), np.asarray(nb[k])):
-                diffs += 1
-                print(f"layer {i} {k} differs")
-    extra = [("globals", ckpt.load_globals(FLAGS.a), ckpt.load_globals(FLAGS.b))]
-    ea, eb = ckpt.load_e2e(FLAGS.a), ckpt.load_e2e(FLAGS.b)
+                diffs.append(f"layer {i} {k} differs")
+    if not globals_:
+        return arrays, diffs
+    extra = [("globals", ckpt.load_globals(a), ckpt.load_globals(b))]
+    ea, eb = ckpt.load_e2e(a), ckpt.load_e2e(b)
     if (ea is None) != (eb is None):
-        diffs += 1
-        print("only one checkpoint has an end-to-end stage")
+        diffs.append("only one checkpoint has an end-to-end stage")
     elif ea is not None:
         flat = [lambda e: {f"e2e globals {k}": v for k, v in e[1].items()}]
         flat.append(lambda e: {f"e2e layer {i} {g}.{f}": v for i, l in enumerate(e[0])
@@ -66,9 +68,18 @@ def main(argv):
         for k in sorted(set(da) | set(db)):
             arrays += 1
             if k not in da or k not in db or not np.array_equal(np.asarray(da[k]), np.asarray(db[k])):
-                diffs += 1
-                print(f"{what} {k} differs".strip())
-    print(f"{arrays - diffs} of {arrays} arrays identical over {n} layers")
+                diffs.append(f"{what} {k} differs".strip())
+    return arrays, diffs
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    arrays, diffs = compare(FLAGS.a, FLAGS.b)
+    for d in diffs:
+        print(d)
+    n = ckpt.read_meta(FLAGS.a)["model"]["num_layers"]
+    print(f"{arrays - len(diffs)} of {arrays} arrays identical over {n} layers")
     sys.exit(1 if diffs else 0)
 
 

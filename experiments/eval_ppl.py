@@ -51,11 +51,12 @@ def main(argv):
         meta = read_meta(FLAGS.checkpoint)
         tok = (quipjax.open_checkpoint(FLAGS.model).tokenizer if FLAGS.model
                else tokenizer_from_ref(meta["tokenizer"]))
-        model = quipjax.build_model(FLAGS.checkpoint, dtype=dtype, placement=placement, meta=meta)
+        model, stream = quipjax.build_model_streamed(FLAGS.checkpoint, dtype=dtype,
+                                                     placement=placement, meta=meta)
     else:
         src = quipjax.open_checkpoint(FLAGS.model)
         tok = src.tokenizer
-        model = quipjax.load_model(src, dtype, placement=placement)
+        model, stream = quipjax.load_model_streamed(src, dtype, placement=placement)
     if FLAGS.text_file:
         windows = data.text_windows(tok, data.read_text(FLAGS.text_file), FLAGS.ctx_size,
                                     FLAGS.max_windows, FLAGS.text_file)
@@ -63,7 +64,7 @@ def main(argv):
     else:
         windows = data.eval_windows(tok, FLAGS.dataset, FLAGS.ctx_size)[:FLAGS.max_windows]
         name = FLAGS.dataset
-    r = perplexity_bar(model, windows, f"ppl {name}", placement)
+    r = perplexity_bar(model, windows, f"ppl {name}", placement, stream)   # block by block
     if not processes.is_writer():
         return
     print(f"{name}: perplexity {r['ppl']:.4f} over {r['tokens']} predicted tokens "

@@ -37,8 +37,8 @@ from quipjax.models.family import Family
 from quipjax.models.gemma3 import Gemma3, Gemma3Spec
 from quipjax.models.llama import Llama, LlamaSpec
 from quipjax.models.moe import MoEModel, MoESpec
-from quipjax.models.loaders import load_model, open_checkpoint
-from quipjax.pipeline.build import build_model
+from quipjax.models.loaders import load_model, load_model_streamed, open_checkpoint
+from quipjax.pipeline.build import build_model, build_model_streamed
 from quipjax.pipeline.evaluate import perplexity
 from quipjax.pipeline.run import quantize_model
 from quipjax.pipeline.settings import (BlockTuneSettings, CalibrationSettings, E2ESettings,
@@ -63,6 +63,7 @@ __all__ = [
     # models and stand-in layers
     "Llama", "LlamaSpec", "Gemma3", "Gemma3Spec", "MoEModel", "MoESpec", "FAMILIES", "Family",
     "family_of", "adapter_of", "ModelAdapter", "LLAMA", "open_checkpoint", "load_model",
+    "load_model_streamed",
     "attach",
     # distribution, training, generation
     "Placement", "parse_mesh", "tune", "TuneConfig", "block_mse", "distill_kl",
@@ -71,5 +72,5 @@ __all__ = [
     # the job
     "RunConfig", "QuantSettings", "BlockTuneSettings", "E2ESettings", "CalibrationSettings",
     "quantize_model",
-    "build_model", "perplexity",
+    "build_model", "build_model_streamed", "perplexity",
 ]

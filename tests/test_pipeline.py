@@ -103,6 +103,13 @@ def test_quantize_resume_reload_and_errors(tiny_hf, tmp_path, monkeypatch, run_k
     with open(os.path.join(cfg_b.output_dir, "my_notes.txt"), "w") as f:    # the user's file
         f.write("mine")
     quantize_model(RunConfig(**{**cfg_b.__dict__, "model": moved}), log=lambda *a: None)
+    # stages.jsonl keeps the finished stages of both invocations (the killed one's quantize
+    # stage never finished), metrics.json the last invocation's
+    with open(os.path.join(cfg_b.output_dir, "stages.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["stage"] for r in lines] == ["calibration_data", "hessians", "calibration_data",
+                                           "hessians", "quantize"], lines
+    assert all(r["seconds"] >= 0 and r["peak_rss_gb"] > 0.05 for r in lines)
     for i in range(SPEC.num_layers):
         ga, _, _ = ckpt.load_layer(cfg.output_dir, i)
         gb, _, _ = ckpt.load_layer(cfg_b.output_dir, i)
@@ -306,3 +313,35 @@ def test_checkpoint_written_before_the_redesign_loads_and_evaluates():
     codes = build_model(path, linears="codes", backend="xla", dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(evaluate.forward_logits(codes, tok)), want,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_perplexity_is_the_in_memory_float(tiny_hf, tiny_ckpt):
+    """A pass that loads one block at a time (layer-major over chunks of windows) gives the
+    very float of the model-in-memory pass, for the FP model and a quantized checkpoint."""
+    from quipjax.models.assemble import abstract_paths
+    from quipjax.pipeline.build import build_model_streamed
+    path, _ = tiny_hf
+    src = loaders.open_checkpoint(path)
+    w = np.random.default_rng(7).integers(0, SPEC.vocab_size, (5, 24)).astype(np.int32)
+    want = evaluate.perplexity(loaders.load_model(src, jnp.float32), w)
+    skeleton, stream = loaders.load_model_streamed(src, jnp.float32)
+    assert abstract_paths(skeleton) and all(p.startswith("layers.") for p in abstract_paths(skeleton))
+    calls, seen = [], []
+
+    def counted(i, load):
+        def f():
+            calls.append(i)
+            return load()
+        return f
+    # 24 x 16 x 4 bytes per window: a budget of two windows makes three chunks
+    budget = 2 * 24 * SPEC.hidden_size * 4 / 2 ** 30
+    got = evaluate.perplexity(skeleton, w, stream=[counted(i, f) for i, f in enumerate(stream)],
+                              stream_gb=budget, progress=lambda d, t, p: seen.append((d, t, p)))
+    assert got["ppl"] == want["ppl"] and got["tokens"] == want["tokens"]
+    L = SPEC.num_layers
+    assert calls == list(range(L)) * 3                  # each block loaded once per chunk
+    assert seen[-1][:2] == (5 * L, 5 * L) and seen[-1][2] == want["ppl"]
+    ck, _ = tiny_ckpt
+    want = evaluate.perplexity(build_model(ck, dtype=jnp.float32), w)
+    skeleton, stream = build_model_streamed(ck, dtype=jnp.float32)
+    assert evaluate.perplexity(skeleton, w, stream=stream)["ppl"] == want["ppl"]

@@ -60,11 +60,13 @@ def test_overwrite_removes_only_what_quipjax_wrote(tmp_path):
     d = tmp_path / "run"
     (d / "layers").mkdir(parents=True)
     (d / "layers" / "layer_000.json").write_text("{}")
-    for name in ("quipjax.json", "metrics.json", "mine.txt"):
+    (d / "ft_acts.p1of2").mkdir()               # a run of two processes' work directory
+    for name in ("quipjax.json", "metrics.json", "stages.jsonl", "mine.txt", "ft_acts.p1"):
         (d / name).write_text("x")
-    assert outdir.foreign_entries(str(d)) == ["mine.txt"]
-    assert sorted(outdir.remove_owned(str(d))) == ["layers", "metrics.json", "quipjax.json"]
-    assert sorted(os.listdir(d)) == ["mine.txt"]
+    assert outdir.foreign_entries(str(d)) == ["ft_acts.p1", "mine.txt"]
+    assert sorted(outdir.remove_owned(str(d))) == ["ft_acts.p1of2", "layers", "metrics.json",
+                                                   "quipjax.json", "stages.jsonl"]
+    assert sorted(os.listdir(d)) == ["ft_acts.p1", "mine.txt"]
 
 
 def test_flagfiles_resolve_from_anywhere_and_nest(tmp_path):

@@ -277,7 +277,8 @@ class EvalPrograms:
 
         ev = EvalPrograms(model, placement)
         x = ev.embed(tokens)             # tokens (devices * b, T) int32
-        x = ev.blocks(x)                 # through every block
+        x = ev.blocks(x)                 # through every block (or blocks=(): none, and
+        prog, leaves = ev.program(b)     #   each block b run by its own program(leaves, x))
         per_device = ev.nll(x, tokens)   # (devices,) summed NLL of each device's windows
     """
 
@@ -290,12 +291,16 @@ class EvalPrograms:
         self._head = head
         self._embed, self._nll = _eval_programs(mesh, head.graphdef, head.tdef, head.specs,
                                                 emb_spec, model.embed_scale)
-        self._blocks = []
-        for b in (list(blocks) if blocks is not None else list(model.layers)):
-            pb = _Placed(b, placement)
-            self._blocks.append((_forward_program(pb.graphdef, pb.tdef, mesh, pb.specs),
-                                 pb.leaves))
+        self._placement = placement
+        self._blocks = [self.program(b) for b in (list(model.layers) if blocks is None
+                                                  else list(blocks))]
         self._sh = NamedSharding(mesh, P(BATCH))
+
+    def program(self, block):
+        """(program, leaves) of one block: `program(leaves, x)` runs it on x (devices * b,
+        T, d) float32 (one compiled program for every block of one structure)."""
+        pb = _Placed(block, self._placement)
+        return _forward_program(pb.graphdef, pb.tdef, self.mesh, pb.specs), pb.leaves
 
     def put(self, tokens, n: int = None):
         """tokens: this process's rows (`Placement.local_rows`) of a batch of n windows

@@ -9,7 +9,8 @@ a streamed pass) never exists whole on one device.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import jax
 from flax import nnx
@@ -18,7 +19,7 @@ from quipjax.models.adapter import path_str, set_param
 from quipjax.models.families import family_of
 from quipjax.models.family import global_names
 
-__all__ = ["assemble_model", "abstract_paths"]
+__all__ = ["assemble_model", "abstract_paths", "block_loaders"]
 
 
 def abstract_paths(module) -> list:
@@ -27,7 +28,7 @@ def abstract_paths(module) -> list:
             if isinstance(v, jax.ShapeDtypeStruct)]
 
 
-def assemble_model(spec, dtype, *, globals_: dict, block: Callable,
+def assemble_model(spec, dtype, *, globals_: dict, block: Optional[Callable],
                    placement=None, head_dtype=None, head_compute_dtype=None):
     """A model of `spec`'s family (`models.families`) from its parts.
 
@@ -38,13 +39,14 @@ def assemble_model(spec, dtype, *, globals_: dict, block: Callable,
         embeddings are tied, "lm_head.weight" (`models.family.global_names`); an unknown or
         missing key is an error.
       block: i -> block i (a filled block, its linears possibly stand-ins of
-        `quipjax.layers`).
+        `quipjax.layers`); None: the layers stay abstract (a skeleton for a pass that loads
+        its blocks one at a time, `block_loaders`).
       placement: an object with `.module(m) -> m` placing a module's variables (e.g.
         `quipjax.distributed.Placement`); None: left where they are built.
       head_dtype: dtype of the embeddings and lm_head (default dtype); the final norm is
         float32. head_compute_dtype: lm_head's matmul input dtype (None: its weight's).
     Returns:
-      The model; every variable concrete (checked).
+      The model; every variable concrete (checked), the layers' too unless block is None.
     """
     head_dtype = head_dtype or dtype
     family = family_of(spec)
@@ -60,10 +62,19 @@ def assemble_model(spec, dtype, *, globals_: dict, block: Callable,
         model.lm_head.compute_dtype = head_compute_dtype
     if placement is not None:
         placement.module(model)             # the globals; the layers are still abstract
-    for i in range(spec.num_layers):
+    for i in range(spec.num_layers if block is not None else 0):
         b = block(i)
         model.layers[i] = placement.module(b) if placement is not None else b
-    left = abstract_paths(model)
+    left = [p for p in abstract_paths(model) if block is not None or not p.startswith("layers.")]
     if left:
         raise ValueError(f"the model's parameters {left[:5]} were never filled")
     return model
+
+
+def block_loaders(num_layers: int, block: Callable, placement=None) -> list:
+    """[load_0, ..., load_{L-1}]: load_i() builds block i by `block(i)` and places it (as
+    `assemble_model` does) each time it is called, so a pass can hold one block at a time."""
+    def load(i):
+        b = block(i)
+        return placement.module(b) if placement is not None else b
+    return [functools.partial(load, i) for i in range(num_layers)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from quipjax.models import llama
 from quipjax.models.adapter import ModelAdapter, set_param
-from quipjax.models.assemble import assemble_model
+from quipjax.models.assemble import assemble_model, block_loaders
 from quipjax.models.families import adapter_of, family_for_gguf, family_for_model_type, family_of
 from quipjax.models.family import block_names, global_names
 from quipjax.models.files import content_fingerprint, files_fingerprint
@@ -38,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.tx
 GPT2_PRE = ("smollm",)
 
 __all__ = ["MODEL_ALIASES", "gemma3_270m_path", "TOKENIZER_FILES", "Tokenizer", "CheckpointSource", "HFFolder", "GGUFFile", "open_checkpoint",
-           "default_model_path", "load_block", "load_model", "block_param_names",
+           "default_model_path", "load_block", "load_model", "load_model_streamed", "block_param_names",
            "source_fp_params", "files_fingerprint", "safetensors_index", "read_config_json",
            "check_safetensors_file"]
 
@@ -429,3 +429,13 @@ def load_model(src: CheckpointSource, dtype=jnp.float32, placement=None):
     globals_ = {p: src.tensor(n) for p, n in global_names(src.spec).items()}
     return assemble_model(src.spec, dtype, globals_=globals_,
                           block=lambda i: load_block(src, i, dtype), placement=placement)
+
+
+def load_model_streamed(src: CheckpointSource, dtype=jnp.float32, placement=None):
+    """(skeleton, loaders): `load_model`'s globals (embeddings, final norm, head) with the
+    layers left abstract, and one function per block that loads it (placed) when called, for
+    passes that hold one block at a time (`pipeline.evaluate.perplexity(stream=...)`)."""
+    globals_ = {p: src.tensor(n) for p, n in global_names(src.spec).items()}
+    skeleton = assemble_model(src.spec, dtype, globals_=globals_, block=None, placement=placement)
+    return skeleton, block_loaders(src.spec.num_layers, lambda i: load_block(src, i, dtype),
+                                   placement)

@@ -19,13 +19,13 @@ from flax import nnx
 
 from quipjax import layers
 from quipjax.models.adapter import set_param
-from quipjax.models.assemble import assemble_model
+from quipjax.models.assemble import assemble_model, block_loaders
 from quipjax.models.families import adapter_of, family_of
 from quipjax.models.parts import Linear
 from quipjax.pipeline.checkpoint import Reader
 from quipjax.rule import rules_from_json
 
-__all__ = ["build_model", "LINEAR_KINDS"]
+__all__ = ["build_model", "build_model_streamed", "LINEAR_KINDS"]
 
 LINEAR_KINDS = layers.KINDS
 
@@ -77,14 +77,32 @@ def build_model(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat
       meta: the checkpoint's quipjax.json (read when None).
       train_table: with "tunable", the value tables of the HYB groups are trainable too.
     """
+    spec, block, kw = _parts(ckpt_dir, linears, dtype, placement, backend, head_dtype, meta,
+                             adapter, train_table)
+    return assemble_model(spec, block=block, **kw)
+
+
+def build_model_streamed(ckpt_dir: str, *, linears: str = "dequantized", dtype=jnp.bfloat16,
+                         placement=None, backend: str = "auto", head_dtype=None,
+                         meta: Optional[dict] = None, adapter=None):
+    """(skeleton, loaders): `build_model`'s globals with the layers left abstract, and one
+    function per block that builds it (placed) when called, for passes that hold one block
+    at a time (`pipeline.evaluate.perplexity(stream=...)`). Arguments as `build_model`'s."""
+    spec, block, kw = _parts(ckpt_dir, linears, dtype, placement, backend, head_dtype, meta,
+                             adapter, False)
+    return (assemble_model(spec, block=None, **kw),
+            block_loaders(spec.num_layers, block, placement))
+
+
+def _parts(ckpt_dir, linears, dtype, placement, backend, head_dtype, meta, adapter, train_table):
     if linears not in LINEAR_KINDS:
         raise ValueError(f"linears must be one of {LINEAR_KINDS}, got {linears!r}")
     reader = Reader(ckpt_dir, meta)
     # the groups the run quantized: its --rules (kept in the meta), then the family's
     adapter = adapter or adapter_of(reader.spec, rules_from_json(reader.meta.get("rules", [])))
     dtype = jnp.dtype(dtype)
-    return assemble_model(
-        reader.spec, jnp.float32 if linears == "tunable" else dtype, globals_=reader.globals(),
-        block=lambda i: _block(reader, i, linears, dtype, backend, adapter, train_table),
-        placement=placement,
-        head_dtype=head_dtype or dtype, head_compute_dtype=dtype if linears == "tunable" else None)
+    return reader.spec, (lambda i: _block(reader, i, linears, dtype, backend, adapter,
+                                          train_table)), dict(
+        dtype=jnp.float32 if linears == "tunable" else dtype, globals_=reader.globals(),
+        placement=placement, head_dtype=head_dtype or dtype,
+        head_compute_dtype=dtype if linears == "tunable" else None)

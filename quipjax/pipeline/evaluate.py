@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -37,45 +37,91 @@ def _logits(model, x):
 
 def perplexity(model, windows: np.ndarray, *, placement: Placement = Placement(),
                batch: int = 1, progress: Optional[Callable] = None,
-               blocks: Optional[Iterable] = None) -> dict:
+               blocks: Optional[Iterable] = None, stream: Optional[Sequence[Callable]] = None,
+               stream_gb: float = 1.0) -> dict:
     """{"ppl", "tokens", "seconds"} over windows (k, T) int32 (T - 1 predictions each).
 
     placement: the devices the windows are split over (`batch` windows per device) and where
-    the weights live. progress(done, total, ppl so far) after each step.
+    the weights live. blocks: the blocks to run instead of model.layers. stream: instead, one
+    loader per block (`models.load_model_streamed`, `pipeline.build.build_model_streamed`):
+    the pass goes layer-major over chunks of windows (hidden states of at most `stream_gb`
+    GB), so one block is in memory at a time and `model` can be a skeleton without layers;
+    the value is the same float as the model-in-memory pass. progress(done, total, ppl so far
+    or None) after each step: done and total count windows, with `stream` windows x blocks.
     """
     windows = np.asarray(windows, np.int32)
     check_windows(windows, model.spec.vocab_size)
-    ev = EvalPrograms(model, placement, blocks)
+    ev = EvalPrograms(model, placement, () if stream is not None else blocks)
     D = placement.devices
     G = D * batch
-    total, count = 0.0, 0
-    t0 = time.perf_counter()
     N, T = windows.shape
-    for s in range(0, N, G):
-        real = windows[s:s + G]
-        # one device takes a short last batch; several pad it (and refuse a ragged device)
-        tok = np.zeros((G if D > 1 else len(real), T), np.int32)
-        tok[:len(real)] = real
-        lo, hi = placement.local_rows(len(tok))      # this process's windows (all, with one)
-        tok_d = ev.put(tok[lo:hi], len(tok))
-        per_dev = to_host(ev.nll(ev.blocks(ev.embed(tok_d)), tok_d))   # (D,)
-        n_real = len(real)
-        for d in range(D):
-            w = d * batch
+    t0 = time.perf_counter()
+    acc = _NLL(N, D, batch, T)
+    starts = list(range(0, N, G))
+    if stream is None:
+        for s in starts:
+            tok_d = _put(ev, placement, windows[s:s + G], G, D, T)
+            acc.add(s, to_host(ev.nll(ev.blocks(ev.embed(tok_d)), tok_d)))
+            if progress is not None:
+                progress(min(s + G, N), N, acc.ppl())
+        return {"ppl": acc.ppl(), "tokens": acc.count, "seconds": time.perf_counter() - t0}
+    step_bytes = G * T * model.spec.hidden_size * 4
+    per_chunk = max(1, int(stream_gb * 2 ** 30) // step_bytes)
+    L, done = len(stream), 0
+    for c in range(0, len(starts), per_chunk):
+        chunk = starts[c:c + per_chunk]
+        toks = [_put(ev, placement, windows[s:s + G], G, D, T) for s in chunk]
+        xs = [ev.embed(t) for t in toks]
+        n_win = min(chunk[-1] + G, N) - chunk[0]
+        for load in stream:
+            prog, leaves = ev.program(load())
+            xs = [prog(leaves, x) for x in xs]
+            del prog, leaves
+            done += n_win
+            if progress is not None:
+                progress(done, N * L, None)
+        for s, x, t in zip(chunk, xs, toks):
+            acc.add(s, to_host(ev.nll(x, t)))
+        if progress is not None:
+            progress(done, N * L, acc.ppl())
+    return {"ppl": acc.ppl(), "tokens": acc.count, "seconds": time.perf_counter() - t0}
+
+
+def _put(ev, placement, real, G, D, T):
+    """The step's windows (one device takes a short last batch; several pad it), this
+    process's rows put on the devices."""
+    tok = np.zeros((G if D > 1 else len(real), T), np.int32)
+    tok[:len(real)] = real
+    lo, hi = placement.local_rows(len(tok))      # this process's windows (all, with one)
+    return ev.put(tok[lo:hi], len(tok))
+
+
+class _NLL:
+    """The summed NLL of steps added in window order (the same float whatever the pass)."""
+
+    def __init__(self, N, D, batch, T):
+        self.N, self.D, self.batch, self.T = N, D, batch, T
+        self.total, self.count = 0.0, 0
+
+    def add(self, s, per_dev):
+        """per_dev (D,): the summed NLL of each device's windows of the step at window s."""
+        n_real = min(self.N - s, self.D * self.batch)
+        for d in range(self.D):
+            w = d * self.batch
             if w >= n_real:
                 break
-            if w + batch > n_real:
-                raise ValueError(f"{N} windows with batch {batch} on {D} devices: the last "
-                                 "device batch is ragged; use batch=1")
-            total += float(per_dev[d])
-            count += batch * (T - 1)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"the loss of windows {s}..{s + len(real) - 1} is not finite "
+            if w + self.batch > n_real:
+                raise ValueError(f"{self.N} windows with batch {self.batch} on {self.D} devices: "
+                                 "the last device batch is ragged; use batch=1")
+            self.total += float(per_dev[d])
+            self.count += self.batch * (self.T - 1)
+        if not math.isfinite(self.total):
+            raise FloatingPointError(f"the loss of windows {s}..{s + n_real - 1} is not finite "
                                      "(the model's activations overflow in this dtype, or its "
                                      "weights hold NaN/Inf): try --dtype=float32")
-        if progress is not None:
-            progress(min(s + G, N), N, math.exp(total / count))
-    return {"ppl": math.exp(total / count), "tokens": count, "seconds": time.perf_counter() - t0}
+
+    def ppl(self):
+        return math.exp(self.total / self.count)
 
 
 def check_windows(windows: np.ndarray, vocab_size: int) -> None:

@@ -1,9 +1,10 @@
 """Ownership and locking of the directories a run writes: its output directory and its
 Hessian cache entry.
 
-* quipjax writes only the entries of `OWNED` into an output directory; a non-empty directory
-  that holds none of its runs is refused (never written into, never deleted), and
-  `remove_owned` (what --overwrite does) deletes only those entries.
+* quipjax writes only the entries of `OWNED` (and per-process work directories: `owned`) into
+  an output directory; a non-empty directory that holds none of its runs is refused (never
+  written into, never deleted), and `remove_owned` (what --overwrite does) deletes only those
+  entries.
 * `FileLock` is an advisory `flock` on a file in the directory, holding the owner's PID: a
   second run on the same directory stops (output directory) or waits (Hessian cache) with a
   message naming that PID. The kernel releases the lock when its process dies, so a lock left
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import time
 from typing import Callable, Optional
 
-__all__ = ["OWNED", "LOCK_NAME", "FileLock", "RunLocked", "foreign_entries", "remove_owned"]
+__all__ = ["OWNED", "owned", "LOCK_NAME", "FileLock", "RunLocked", "foreign_entries", "remove_owned"]
 
 LOCK_NAME = ".quipjax.lock"
 
@@ -25,7 +27,14 @@ LOCK_NAME = ".quipjax.lock"
 # metrics, fine-tuning curves and work files, the lock)
 OWNED = ("quipjax.json", "globals", "globals.json", "layers", "e2e", "e2e.json", "ft_acts",
          "metrics.json", "metrics.json.tmp", "quipjax.json.tmp", "ft_curves.json",
-         "ft_curves.png", LOCK_NAME)
+         "ft_curves.png", "stages.jsonl", LOCK_NAME)
+# the per-process work directories of a run of several processes (`processes.local_dir`)
+_PER_PROCESS = re.compile(r"ft_acts\.p\d+of\d+")
+
+
+def owned(entry: str) -> bool:
+    """Whether a top-level entry of an output directory is one quipjax writes."""
+    return entry in OWNED or _PER_PROCESS.fullmatch(entry) is not None
 
 
 class RunLocked(RuntimeError):
@@ -36,13 +45,14 @@ def foreign_entries(path: str) -> list:
     """The entries of directory `path` that quipjax did not write (empty if it does not exist)."""
     if not os.path.isdir(path):
         return []
-    return sorted(e for e in os.listdir(path) if e not in OWNED)
+    return sorted(e for e in os.listdir(path) if not owned(e))
 
 
 def remove_owned(path: str) -> list:
-    """Delete the entries of `OWNED` in `path` (not the lock, not anything else); returns them."""
+    """Delete quipjax's entries in `path` (`owned`; not the lock, not anything else); returns
+    them."""
     gone = []
-    for e in OWNED:
+    for e in sorted(set(OWNED) | {e for e in os.listdir(path) if owned(e)}):
         p = os.path.join(path, e)
         if e == LOCK_NAME or not os.path.lexists(p):
             continue

@@ -381,15 +381,20 @@ def _e2e_stage(s: _Setup) -> dict:
 
 
 def _eval_stage(s: _Setup) -> dict:
-    """The dequantized model sharded over every device, windows over the devices."""
+    """Block by block (`evaluate.perplexity(stream=...)`): one block at a time, sharded over
+    the model axis, the hidden states of a chunk of windows (<= 1 GiB over all devices)
+    between blocks; windows over the devices."""
     spec, cfg, L = s.spec, s.cfg, s.spec.num_layers
     d, f, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     windows = 24 * len(cfg.eval_datasets) if cfg.evaluate else 0
     ctx = cfg.eval_ctx_size
-    model_w = L * s.block_w + V * d * s.dtype_bytes * (1 if spec.tie_embeddings else 2)
+    head_w = V * d * s.dtype_bytes * (1 if spec.tie_embeddings else 2)
     fw = _block_seconds(s.costs, spec, ctx, "forward_s")
-    mem = {"model weights (sharded over model)": model_w / s.M,
-           "one gathered block": s.gathered,
+    step = s.D * ctx * d * 4                      # hidden states of one step (D windows)
+    steps = min(max(1, math.ceil(windows / s.D)), max(1, 2 ** 30 // step))
+    mem = {"embeddings and head (sharded over model)": head_w / s.M,
+           "one block (sharded over model) + its gathered copy": s.block_w / s.M + s.gathered,
+           "hidden states of a chunk of windows": steps * step / s.D,
            "activations + logits (one window)": ctx * (4 * d + 2 * f) * 4 + ctx * V * 4 * 3}
     net = {}
     if s.M > s.per_host:
@@ -397,8 +402,8 @@ def _eval_stage(s: _Setup) -> dict:
             math.ceil(windows / s.D) * L * s.block_w * (1 - s.per_host / s.M))
     return dict(name="perplexity (each of FP and quantized)", memory=mem, network=net,
                 seconds=math.ceil(windows / s.D) * L * fw / s.speedup,
-                notes=f"{windows} windows of {ctx} tokens, {s.D} at a time; weights gathered "
-                      "block by block")
+                notes=f"{windows} windows of {ctx} tokens, {s.D} at a time; one block in "
+                      "memory at a time (loaded once per chunk of windows)")
 
 
 def plan(spec: LlamaSpec, mesh_shape: dict, costs: PlanCosts, cfg: RunConfig = RunConfig(), *,

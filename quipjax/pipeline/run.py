@@ -27,10 +27,11 @@ from quipjax.models.adapter import ModelAdapter
 from quipjax.models.families import adapter_of
 from quipjax.rule import rules_to_json
 from quipjax.models.family import global_names
-from quipjax.models.loaders import CheckpointSource, Tokenizer, load_model, open_checkpoint
+from quipjax.models.loaders import (CheckpointSource, Tokenizer, load_model_streamed,
+                                     open_checkpoint)
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import calibration, curves, data, evaluate, hessians, interrupt, outdir
-from quipjax.pipeline.build import build_model
+from quipjax.pipeline.build import build_model_streamed
 from quipjax.pipeline.peak_memory import PeakRSS
 from quipjax.pipeline.quantization import (SourceLayers, check_model, group_settings,
                                            quantize_layers)
@@ -64,17 +65,21 @@ def progress_bar(total, desc):
                disable=not processes.is_writer())
 
 
-def perplexity_bar(model, windows, desc: str, placement: Placement = Placement()) -> dict:
-    """`evaluate.perplexity` with a progress bar showing the running perplexity."""
+def perplexity_bar(model, windows, desc: str, placement: Placement = Placement(),
+                   stream=None) -> dict:
+    """`evaluate.perplexity` with a progress bar showing the running perplexity (with
+    `stream`, the bar counts window-blocks)."""
     evaluate.check_windows(np.asarray(windows), model.spec.vocab_size)   # before the bar shows
-    bar = progress_bar(len(windows), desc)
+    bar = progress_bar(len(windows) * (1 if stream is None else len(stream)), desc)
 
     def progress(done, total, ppl):
         bar.n = done
-        bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
+        if ppl is not None:
+            bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
         bar.refresh()
     try:
-        return evaluate.perplexity(model, windows, progress=progress, placement=placement)
+        return evaluate.perplexity(model, windows, progress=progress, placement=placement,
+                                   stream=stream)
     finally:                            # closed before an error or Ctrl-C message is printed
         bar.close()
 
@@ -108,9 +113,10 @@ def fp_perplexity(src: CheckpointSource, sets: dict, dtype: str,
         else:
             todo[name] = (w, path)
     if todo:
-        model = load_model(src, jnp.dtype(dtype), placement=placement)
+        # block by block: the whole FP model is never in memory
+        model, stream = load_model_streamed(src, jnp.dtype(dtype), placement=placement)
         for name, (w, path) in todo.items():
-            r = perplexity_bar(model, w, f"FP ppl {name}", placement)
+            r = perplexity_bar(model, w, f"FP ppl {name}", placement, stream)
             out[name] = {"ppl": r["ppl"], "tokens": r["tokens"]}
             if processes.is_writer():
                 _write_json(path, out[name])
@@ -127,11 +133,12 @@ def tokenizer_from_ref(ref: dict) -> Tokenizer:
 
 def checkpoint_perplexity(ckpt_dir: str, sets: dict, dtype: str,
                           placement: Placement = Placement()) -> dict:
-    """{dataset: {"ppl", "tokens"}} of a checkpoint (dequantized weights of `dtype`)."""
-    model = build_model(ckpt_dir, dtype=jnp.dtype(dtype), placement=placement)
+    """{dataset: {"ppl", "tokens"}} of a checkpoint (dequantized weights of `dtype`, built
+    one block at a time)."""
+    model, stream = build_model_streamed(ckpt_dir, dtype=jnp.dtype(dtype), placement=placement)
     out = {}
     for name, w in sets.items():
-        r = perplexity_bar(model, w, f"quantized ppl {name}", placement)
+        r = perplexity_bar(model, w, f"quantized ppl {name}", placement, stream)
         out[name] = {"ppl": r["ppl"], "tokens": r["tokens"]}
     return out
 
@@ -143,6 +150,9 @@ def _write_json(path: str, obj, indent=None) -> None:
 
 
 # ------------------------------------------------------------------------------- the job
+
+STAGES_FILE = "stages.jsonl"     # one line per finished stage of every invocation
+
 
 @dataclasses.dataclass
 class Job:
@@ -171,12 +181,19 @@ class Job:
 
     @contextlib.contextmanager
     def timed(self, name: str):
-        """Time a stage into `seconds` and its peak RSS into `peak_rss_gb` (`PeakRSS`)."""
-        t = time.perf_counter()
+        """Time a stage into `seconds` and its peak RSS into `peak_rss_gb` (`PeakRSS`); a
+        finished stage is also appended to output_dir/stages.jsonl, which keeps the stages of
+        every invocation of a resumed run (metrics.json has the last invocation's)."""
+        t, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
         with PeakRSS() as peak:
             yield
         self.seconds[name] = time.perf_counter() - t
         self.peak_rss_gb[name] = round(peak.gb, 3)
+        if processes.is_writer() and os.path.isdir(self.out):
+            with open(os.path.join(self.out, STAGES_FILE), "a") as f:
+                f.write(json.dumps({"stage": name, "started": started,
+                                    "seconds": round(self.seconds[name], 3),
+                                    "peak_rss_gb": self.peak_rss_gb[name]}) + "\n")
 
 
 def _identity(cfg: RunConfig, src: CheckpointSource, calib: dict) -> dict:
