@@ -447,15 +447,31 @@ def check_result(ql: QuantizedLinear, W=None) -> None:
                 f"once multiplied by the codewords{big}. {fix}")
 
 
+def _checked(Ws, Hs, idx, shape, cb) -> tuple:
+    """(W stack, H stack) float32 of the matrices idx, each checked (`check_inputs`)."""
+    Wl, Hl = [], []
+    for i in idx:
+        W, H = np.asarray(Ws[i], np.float32), np.asarray(Hs[i], np.float32)
+        if W.shape != shape:
+            raise ValueError(f"quantize_stack: matrices of one stack share a shape: {W.shape}"
+                             f" != {shape}")
+        check_inputs(jnp.asarray(W), jnp.asarray(H), cb)
+        Wl.append(W)
+        Hl.append(H)
+    return np.stack(Wl), np.stack(Hl)
+
+
 class Lift:
     """How `quantize_stack` runs a per-matrix stage over a stack of `width` matrices.
 
     `lift(fn, in_axes)` returns a function of stacked arrays: arguments with in_axes 0 have a
     leading axis of size `width` (one entry per matrix), arguments with None are shared;
     `fn` sees one matrix's arrays, and every output of the lifted function gets the leading
-    axis. `put(x)` places a stacked numpy array where the lifted functions want it, `get(y)`
-    brings a stacked output back as numpy. Lifts
-    compare equal when they run the same programs (the compiled stages are cached by lift).
+    axis. `local()` is the (start, stop) of the stack's rows this process provides (all of
+    them but in a run of several processes), `put(x)` places those rows (a stacked numpy
+    array) where the lifted functions want them, `get(y)` brings a stacked output back as
+    numpy. Lifts compare equal when they run the same programs (the compiled stages are
+    cached by lift).
     """
 
     width: int = 1
@@ -463,11 +479,19 @@ class Lift:
     def __call__(self, fn: Callable, in_axes: Sequence) -> Callable:
         raise NotImplementedError
 
+    def local(self) -> tuple:
+        """(start, stop): the rows of a stack of `width` that this process provides."""
+        return 0, self.width
+
     def put(self, x):
         return jnp.asarray(x)
 
     def get(self, x) -> np.ndarray:
         """A lifted function's stacked output as numpy (the whole stack)."""
+        return np.asarray(x)
+
+    def local_part(self, x) -> np.ndarray:
+        """This process's rows (`local()`) of a lifted function's stacked output, as numpy."""
         return np.asarray(x)
 
 
@@ -539,8 +563,11 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
 
     Ws: (m, n) weights, Hs: (n, n) Hessians, keys: jax.random keys (one each). lift: how the
     stages run over a group (default `SequentialLift()`: `quantize_linear`'s programs;
-    `quipjax.distributed.ShardLift(mesh)`: one matrix per device, the same bits). Returns a
-    list of `QuantizedLinear` and, with proxies=True, also the list of their `proxy` losses.
+    `quipjax.distributed.ShardLift(mesh)`: one matrix per device, the same bits). Ws and Hs
+    are indexed only where needed, a group at a time, and in a run of several processes only
+    at the rows this process provides (`lift.local()`): sequences that load on access keep
+    one group's local matrices in memory. Returns a list of `QuantizedLinear` and, with
+    proxies=True, also the list of their `proxy` losses.
     """
     lift = lift or SequentialLift()
     cb = codebooks.get(codebook)
@@ -550,39 +577,37 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
     if callable(rounding):
         raise ValueError("quantize_stack runs the built-in roundings ('ldlq', 'nearest'); "
                          "use quantize_linear for a rounding function of your own")
-    m, n = np.shape(Ws[0])
-    for W, H in zip(Ws, Hs):
-        if np.shape(W) != (m, n):
-            raise ValueError(f"quantize_stack: matrices of one stack share a shape: {np.shape(W)}"
-                             f" != {(m, n)}")
-        check_inputs(jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32), cb)
+    D = lift.width
+    lo, hi = lift.local()
+    m, n = np.shape(Ws[min(lo, k - 1)])
     rho = check_settings(cb, scale, sigma_reg, rounding)
     rotations = rotations_for((m, n), rotation)
     st = lifted_stages(lift, rotations, cb, int(tune_iters), int(buf_cols))
-    D = lift.width
     sigma, rho32 = jnp.float32(sigma_reg), jnp.float32(rho)
     out, prox = [], []
     for c0 in range(0, k, D):
         idx = [min(i, k - 1) for i in range(c0, c0 + D)]          # pad with the last matrix
         real = min(D, k - c0)
-        Wst = lift.put(np.stack([np.asarray(Ws[i], np.float32) for i in idx]))
-        Hst = lift.put(np.stack([np.asarray(Hs[i], np.float32) for i in idx]))
-        kd = lift.put(np.stack([np.asarray(jax.random.key_data(keys[i])) for i in idx]))
+        mine = idx[lo:hi]                                          # this process's rows
+        Wl, Hl = _checked(Ws, Hs, mine, (m, n), cb)
+        Wst, Hst = lift.put(Wl), lift.put(Hl)
+        del Wl, Hl
+        kd = lift.put(np.stack([np.asarray(jax.random.key_data(keys[i])) for i in mine]))
         r = st["rotate"](Wst, Hst, kd, sigma, rho32)
         if rounding == "nearest":
-            L = lift.put(np.broadcast_to(np.eye(n, dtype=np.float32), (D, n, n)))
+            L = lift.put(np.broadcast_to(np.eye(n, dtype=np.float32), (hi - lo, n, n)))
         else:
             L = st["ldl"](r.H)
             bad = np.nonzero(~lift.get(st["finite"](L)))[0]
             if len(bad):                                            # the float64 retry
-                Lh = np.array(lift.get(L))             # writable
-                for j in bad:
+                Lh = np.array(lift.local_part(L))      # writable: this process's rows
+                SU_h = lift.get(r.SU)
+                for j in bad[(bad >= lo) & (bad < hi)]:
                     Lf = factor_float64(jnp.asarray(Hs[idx[j]], jnp.float32),
-                                        jnp.asarray(lift.get(r.SU)[j]), sigma_reg,
-                                        rotations[1], cb.block)
+                                        jnp.asarray(SU_h[j]), sigma_reg, rotations[1], cb.block)
                     if Lf is None:
                         raise _not_positive_definite(sigma_reg)
-                    Lh[j] = np.asarray(Lf)
+                    Lh[j - lo] = np.asarray(Lf)
                 L = lift.put(Lh)
         codes = st["round"](r.W, L, r.H) if tune_iters else st["round"](r.W, L)
         codes_h, SU_h = lift.get(codes), lift.get(r.SU)
@@ -591,9 +616,9 @@ def quantize_stack(Ws: Sequence, Hs: Sequence, keys: Sequence, *, codebook="E8P1
             out.append(QuantizedLinear(codes=jnp.asarray(codes_h[j]), SU=jnp.asarray(SU_h[j]),
                                        SV=jnp.asarray(SV_h[j]), codebook=cb.name, shape=(m, n),
                                        transforms=(rotations[0].kind, rotations[1].kind)))
-            check_result(out[-1], Ws[idx[j]])
+            check_result(out[-1], Ws[idx[j]] if lo <= j < hi else None)
         if proxies:
-            SVst = lift.put(SV_h[[min(j, real - 1) for j in range(D)]])
+            SVst = lift.put(SV_h[[min(j, real - 1) for j in range(lo, hi)]])
             p = lift.get(st["proxy"](Wst, codes, r.SU, SVst, Hst, sigma))
             prox += [float(v) for v in p[:real]]
     return (out, prox) if proxies else out

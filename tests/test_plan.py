@@ -156,5 +156,15 @@ def test_hosts_add_per_host_memory_and_interconnect_traffic():
     assert four[0]["network"]["Hessian all-reduce"] == pytest.approx(h["Hessian all-reduce"])
     assert four[0]["network"]["weight all-gathers (model axis across hosts)"] > 0
     assert four[-1]["network"]["weight all-gathers (model axis across hosts)"] > 0
+    # a process builds its devices' share of a quantization stack (`Lift.local`): the fused
+    # matrices and their stacked copy, plus one member matrix read at a time
+    hd = spec.head_dim
+    shapes = [((spec.num_heads + 2 * spec.num_kv_heads) * hd, d), (d, spec.num_heads * hd),
+              (2 * f, d), (d, f)]
+
+    def stack_bytes(devices):
+        return max((2 * devices * (m * n + n * n) + m * n) * 4 for m, n in shapes)
+    q1, q2 = (sum(p[1]["host"].values()) for p in (one, two))
+    assert (q1, q2) == (stack_bytes(16), stack_bytes(8))
     with pytest.raises(ValueError, match="spread evenly"):
         plan(spec, {"data": 2, "model": 8}, costs, cfg, hosts=3)

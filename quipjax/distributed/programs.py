@@ -211,7 +211,8 @@ class HessianEngine:
 class ShardLift(Lift):
     """The `quantize.Lift` that runs one matrix per device of `mesh` (width = devices): a
     shard_map over the stack axis of the very per-matrix stage, so every device computes
-    `quantize_linear`'s program and the codes are its bits; no collectives."""
+    `quantize_linear`'s program and the codes are its bits; no collectives. In a run of
+    several processes each provides only its devices' matrices (`local`)."""
 
     mesh: Mesh
 
@@ -227,12 +228,18 @@ class ShardLift(Lift):
         return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=P(BATCH),
                                      check_vma=False))
 
+    def local(self) -> tuple:
+        return processes.local_rows(NamedSharding(self.mesh, P(BATCH)), self.width)
+
     def put(self, x):
-        # x is the same on every process (each builds the whole stack from the same files)
-        return jax.device_put(x, NamedSharding(self.mesh, P(BATCH)))
+        # x: this process's rows of the stack (all of them with one process)
+        return processes.put_local(np.asarray(x), NamedSharding(self.mesh, P(BATCH)), self.width)
 
     def get(self, x) -> np.ndarray:
         return processes.to_host(x)
+
+    def local_part(self, x) -> np.ndarray:
+        return processes.local_part(x)
 
 
 # ---------------------------------------------------------------------------- evaluation

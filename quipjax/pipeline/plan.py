@@ -321,7 +321,10 @@ def _quantize_stage(s: _Setup) -> dict:
         # W, fused copy, Ws: 3 m n; H, Hr, L, Cholesky temp: 4 n^2; codes m n / 8 * 2 bytes
         mem_q = max(mem_q, (3 * m * n + 4 * n * n) * 4 + m * n // 4)
         detail.append(f"{g} {m}x{n}: {c['total_s']:.1f} s/matrix x {rounds} rounds")
-    host = max(D * (m * n + n * n) * 4 for m, n in _group_shapes(s.spec).values())
+    # a process's share of a stack of W and H (its devices' matrices, `Lift.local`), twice
+    # (the fused matrices, then the stacked copy), plus one member read at a time
+    host = max((2 * s.per_host * (m * n + n * n) + m * n) * 4
+               for m, n in _group_shapes(s.spec).values())
     search, note = _search_seconds(s, math.ceil(L / D))
     secs += search
     detail += [note] if note else []
@@ -330,7 +333,7 @@ def _quantize_stage(s: _Setup) -> dict:
     codes = L * sum(m * n * bits / 8 + 4 * (m + n) for m, n in _group_shapes(s.spec).values())
     net = {"codes gathered from the other hosts": codes * (1 - 1 / s.hosts)}
     return dict(name="quantization (no FT)", memory={"one matrix (W, H, Hr, L, temps)": mem_q},
-                network=net, host={"one stack of W and H (every process builds it)": host},
+                network=net, host={"this process's share of a stack of W and H": host},
                 seconds=secs / s.speedup,
                 notes="; ".join(detail) + f"; {L} layers x 4 groups, {D} at a time; host RAM "
                       f"for one stack of W and H: {host / GB:.1f} GB")

@@ -134,23 +134,32 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
         info = {i: {"proxy": {}, "curves": {}} for i in chunk}
         for i in chunk:
             hook.begin(i)
+        # the layers of the stack's rows this process provides (all but with several)
+        lo, hi = hook.lift.local()
+        mine = {chunk[min(r, len(chunk) - 1)] for r in range(lo, hi)}
         for gi, g in enumerate(adapter.groups):
-            weights = {i: [hook.weights(i, m) for m in g.members] for i in chunk}
-            fused = {i: fuse(weights[i]) for i in chunk}
+            fused, scales, rows = {}, {}, {}
+            for i in chunk:         # a member at a time; only this process's fused matrices kept
+                ws = [hook.weights(i, m) for m in g.members]
+                W, scales[i] = fuse(ws)
+                rows[i] = tuple(np.shape(w)[0] for w in ws)
+                if i in mine:
+                    fused[i] = W
+                del ws, W
             qls, prox = quantize_stack(
-                [fused[i][0] for i in chunk],
-                [load_layer_hessians(hdir, i, groups=(g.name,))[g.name] for i in chunk],
+                _Local(chunk, fused.__getitem__),
+                _Local(chunk, lambda i, g=g: load_layer_hessians(hdir, i, groups=(g.name,))[g.name]),
                 [group_key(settings.seed, i, gi) for i in chunk], lift=hook.lift, proxies=True,
                 **(kw[g.name] if kw else settings.quantize_kw()))
             for i, ql, p in zip(chunk, qls, prox):
-                qg = QuantizedGroup(ql=ql, scales=jnp.asarray(fused[i][1]), members=g.members,
-                                    rows=tuple(w.shape[0] for w in weights[i]))
+                qg = QuantizedGroup(ql=ql, scales=jnp.asarray(scales[i]), members=g.members,
+                                    rows=rows[i])
                 groups[i][g.name] = qg
                 info[i]["proxy"][g.name] = p
                 curve = hook.after_group(i, gi, qg)
                 if curve is not None:
                     info[i]["curves"][g.name] = curve
-            del weights, fused
+            del fused
         dt = (time.perf_counter() - t0) / len(chunk)
         for i in chunk:
             info[i]["seconds"] = dt
@@ -161,6 +170,20 @@ def quantize_layers(out: str, hdir: str, settings: QuantSettings, hook: LayerHoo
             if progress:
                 progress(i, info[i])
     processes.barrier("quantize_layers: saved")    # the others read what process 0 wrote
+
+
+class _Local:
+    """The sequence (one entry per layer of `chunk`) `quantize_stack` reads: entry j is
+    `load(chunk[j])`, computed when read (it reads only this process's)."""
+
+    def __init__(self, chunk, load):
+        self.chunk, self.load = chunk, load
+
+    def __len__(self):
+        return len(self.chunk)
+
+    def __getitem__(self, j):
+        return self.load(self.chunk[j])
 
 
 def check_model(spec, codebook: str, adapter=None, kw: Optional[dict] = None) -> None:
