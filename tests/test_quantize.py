@@ -180,6 +180,49 @@ def test_quantize_stack_is_quantize_linear():
             np.testing.assert_allclose(p, float(proxy(W, a, H, 1e-2)), rtol=1e-5)
 
 
+def test_quantize_stack_reads_only_this_process_rows():
+    """In a run of several processes a process provides only its rows of a stack
+    (`Lift.local`): quantize_stack reads only those Ws / Hs entries, and their codes are the
+    ones of the whole stack. The other processes' rows are stood in for here by copies of
+    this process's first row."""
+    import dataclasses
+    from quipjax.quantize import SequentialLift, quantize_stack
+    Ws = [layer(40, 64, seed=s)[0] for s in range(4)]
+    Hs = [layer(40, 64, seed=20 + s)[1] for s in range(4)]
+    keys = [jax.random.key(30 + i) for i in range(4)]
+    want = quantize_stack(Ws, Hs, keys, lift=SequentialLift(4))
+
+    @dataclasses.dataclass(frozen=True)
+    class Rows12(SequentialLift):
+        def local(self):
+            return 1, 3
+
+        def put(self, x):
+            x = np.asarray(x)
+            return np.concatenate([x[:1], x, x[:1]]) if len(x) == 2 else x
+
+        def local_part(self, x):
+            return np.asarray(x)[1:3]
+    read = []
+
+    class Recorded:
+        def __init__(self, xs):
+            self.xs = xs
+
+        def __len__(self):
+            return len(self.xs)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return self.xs[i]
+    got = quantize_stack(Recorded(Ws), Recorded(Hs), keys, lift=Rows12(4))
+    assert set(read) == {1, 2}
+    for j in (1, 2):
+        for f in ("codes", "SU", "SV"):
+            np.testing.assert_array_equal(np.asarray(getattr(want[j], f)),
+                                          np.asarray(getattr(got[j], f)))
+
+
 def test_quantize_stack_errors():
     from quipjax.quantize import quantize_stack
     W, H = layer(40, 64)
