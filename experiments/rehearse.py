@@ -108,14 +108,20 @@ def invoke(args: list, log: str, kill_when=None) -> dict:
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "quantize.py")] + args,
                              stdout=lf, stderr=subprocess.STDOUT)
         killed = False
-        while kill_when is not None and p.poll() is None:
+        while kill_when is not None:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)     # reaped here, not by Popen
+            if pid:
+                break
             if kill_when():
                 os.kill(p.pid, signal.SIGKILL)
                 killed = True
-                break
-            time.sleep(0.05)
-        _, status, ru = os.wait4(p.pid, 0)
-    return {"seconds": time.perf_counter() - t, "status": os.waitstatus_to_exitcode(status),
+                kill_when = None
+            else:
+                time.sleep(0.05)
+        if kill_when is None:
+            _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.perf_counter() - t, "status": p.returncode,
             "killed": killed, "max_rss_gb": ru.ru_maxrss / 2 ** 20}
 
 
@@ -199,6 +205,9 @@ def main(argv):
         print(f"invocation {len(invocations)} ({'killed in ' + what if r['killed'] else what}): "
               f"{r['seconds']:.0f} s, exit {r['status']}, max RSS {r['max_rss_gb']:.2f} GB",
               flush=True)
+        if not r["killed"] and r["status"] != 0:
+            raise SystemExit(f"invocation {len(invocations)} failed (exit {r['status']}; -9 "
+                             f"without our kill: the kernel's OOM killer?): see {log}")
         if cond is not None and not r["killed"]:
             print(f"  the kill in {what} missed: the run ended first", flush=True)
     if invocations[-1]["status"] != 0:

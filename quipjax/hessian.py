@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import functools
 import math
 
 import jax
@@ -160,19 +159,9 @@ def _pow2(e):
     return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
 
 
-def _grid_sum(terms, e, axes):
-    """Exact sum of the terms rounded to the grid 2^e, and the remainders (exact).
-
-    Every term is rounded to a multiple of u = 2^e (round, times a power of two: exact), so
-    when all partial sums stay below 2^24 u (the caller's choice of e), every addition is
-    exact and the result is the same in any order, on any number of devices (psum)."""
-    u, inv = _pow2(e), _pow2(-e)
-    qs = [jnp.round(t * inv) * u for t in terms]
-    rs = [t - q for t, q in zip(terms, qs)]
-    s = functools.reduce(jnp.add, [jnp.sum(q, 0) for q in qs])
-    if axes:
-        s = jax.lax.psum(s, axes)
-    return s, rs
+def _on_grid(t, e):
+    """t rounded to a multiple of 2^e (exact: a scaling by powers of two and a round)."""
+    return jnp.round(t * _pow2(-e)) * _pow2(e)
 
 
 def exact_merge(hi, lo, n_terms: int, axes=()):
@@ -182,8 +171,12 @@ def exact_merge(hi, lo, n_terms: int, axes=()):
     Independent of the order and the grouping of the terms: three levels of exact grid sums
     (each about 23 - log2(2 n) bits: the sum is exact to 2^-57 of the largest |hi| for 8
     terms), the last remainders dropped, then rounded to the returned pair (2^-48 of its
-    value). `n_terms` is the total number of terms over all devices. Works under jit and
-    inside shard_map (with `axes` the mesh axes the terms are split over).
+    value). Every term is rounded to the level's grid 2^e (exact), and e is chosen so that
+    every partial sum stays below 2^24 2^e: every addition is exact, so any order, any split
+    over devices (psum) gives the same bits. The terms are visited one at a time (a loop over
+    axis 0), so the temporaries are a few arrays of the result's shape, not of the stack's.
+    `n_terms` is the total number of terms over all devices. Works under jit and inside
+    shard_map (with `axes` the mesh axes the terms are split over).
     """
     m = jnp.max(jnp.abs(hi), 0)
     if axes:
@@ -192,11 +185,21 @@ def exact_merge(hi, lo, n_terms: int, axes=()):
     c1 = max(1, math.ceil(math.log2(n_terms))) if n_terms > 1 else 1
     c2 = max(1, math.ceil(math.log2(2 * n_terms)))
     e1 = e + c1 - 23                                     # n * 2^e <= 2^23 u1
-    q1, r1 = _grid_sum([hi], e1, axes)
-    e2 = e1 - 1 + c2 - 23                                # 2n terms below u1 / 2
-    q2, r2 = _grid_sum(r1 + [lo], e2, axes)
-    e3 = e2 - 1 + c2 - 23
-    q3, _ = _grid_sum(r2, e3, axes)
+    d2 = c2 - 1 - 23                                     # e2 = e1 + d2: 2n terms below u1 / 2
+
+    def term(k, sums):
+        s1, s2, s3 = sums
+        h, l = hi[k], lo[k]
+        q1 = _on_grid(h, e1)
+        r1 = h - q1                                      # exact remainders
+        q2a, q2b = _on_grid(r1, e1 + d2), _on_grid(l, e1 + d2)
+        q3 = _on_grid(r1 - q2a, e1 + 2 * d2) + _on_grid(l - q2b, e1 + 2 * d2)
+        return s1 + q1, s2 + q2a + q2b, s3 + q3
+
+    z = jnp.zeros_like(m)
+    q1, q2, q3 = jax.lax.fori_loop(0, hi.shape[0], term, (z, z, z))
+    if axes:
+        q1, q2, q3 = (jax.lax.psum(q, axes) for q in (q1, q2, q3))
     h, l = two_sum(q1, jnp.zeros_like(q1), q2)
     return two_sum(h, l, q3)
 

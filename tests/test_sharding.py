@@ -50,6 +50,36 @@ def test_mesh_flag_parsing_and_errors():
     assert shd.parse_mesh(f"data:{n}").shape == {"data": n, "model": 1}
 
 
+def _plain_exact_merge(hi, lo, n_terms):
+    """exact_merge in NumPy, materializing each level's terms: grids 2^e1 > 2^e2 > 2^e3 set by
+    the largest |hi|, each level's terms rounded to its grid and summed, the remainders passed
+    down, the sums rounded to a float32 pair."""
+    f32 = np.float32
+    m = np.abs(hi).max(0)
+    e = np.frexp(m)[1].astype(np.int64)
+    c1 = max(1, int(np.ceil(np.log2(n_terms)))) if n_terms > 1 else 1
+    c2 = max(1, int(np.ceil(np.log2(2 * n_terms))))
+    e1 = e + c1 - 23
+    e2 = e1 - 1 + c2 - 23
+    e3 = e2 - 1 + c2 - 23
+
+    def grid(t, ee):
+        u = np.ldexp(f32(1), np.clip(ee, -126, 127)).astype(f32)
+        inv = np.ldexp(f32(1), np.clip(-ee, -126, 127)).astype(f32)
+        return (np.round(t * inv) * u).astype(f32)
+    q1 = grid(hi, e1)
+    r1 = hi - q1
+    q2 = [grid(r1, e2), grid(lo, e2)]
+    r2 = [r1 - q2[0], lo - q2[1]]
+    q3 = [grid(r, e3) for r in r2]
+    # every grid sum is exact, so float64 sums equal them; each fits float32 exactly
+    s1 = q1.astype(np.float64).sum(0).astype(f32)
+    s2 = (q2[0].astype(np.float64).sum(0) + q2[1].astype(np.float64).sum(0)).astype(f32)
+    s3 = (q3[0].astype(np.float64).sum(0) + q3[1].astype(np.float64).sum(0)).astype(f32)
+    h, l = (np.asarray(a) for a in hessian.two_sum(jnp.asarray(s1), jnp.zeros_like(s1), s2))
+    return tuple(np.asarray(a) for a in hessian.two_sum(jnp.asarray(h), jnp.asarray(l), s3))
+
+
 def test_exact_merge_is_order_independent_and_accurate():
     rng = np.random.default_rng(0)
     S, n = 8, 257
@@ -68,6 +98,10 @@ def test_exact_merge_is_order_independent_and_accurate():
         h, l = (np.asarray(a) for a in merge(hi[p], lo[p]))
         np.testing.assert_array_equal(h, ref_h)
         np.testing.assert_array_equal(l, ref_l)
+    # the same bits as the three grid sums written plainly over the whole stack (the loop
+    # over the terms only bounds the temporaries)
+    np.testing.assert_array_equal(ref_h, _plain_exact_merge(hi, lo, S)[0])
+    np.testing.assert_array_equal(ref_l, _plain_exact_merge(hi, lo, S)[1])
     exact = hi.astype(np.float64).sum(0) + lo.astype(np.float64).sum(0)
     got = ref_h.astype(np.float64) + ref_l.astype(np.float64)
     # as accurate as the (hi, lo) float32 pair holding the result (~2^-48 of its value), on a

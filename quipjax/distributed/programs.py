@@ -119,13 +119,13 @@ def _hessian_programs(graphdef, tdef, mesh, specs, groups, shards, acc_tdef, rou
                                    out_specs=(P(BATCH), acc_specs), check_vma=False),
                      donate_argnums=(2,))
 
-    def reduce(acc):
-        acc = jax.tree.unflatten(acc_tdef, acc)
-        return {name: hessian.finalize(hessian.merge_slots(acc[name], shards, BATCH))
-                for name in names}
+    def reduce(st):
+        return hessian.finalize(hessian.merge_slots(hessian.HessianState(*st), shards, BATCH))
 
-    reduce_p = jax.jit(jax.shard_map(reduce, mesh=mesh, in_specs=(acc_specs,), out_specs=P(),
-                                     check_vma=False))
+    # one group at a time (`finalize` drops its slots after): one group's temporaries and the
+    # slots of the groups not yet reduced, never every group's temporaries at once
+    reduce_p = jax.jit(jax.shard_map(reduce, mesh=mesh, in_specs=([P(BATCH)] * 6,),
+                                     out_specs=P(), check_vma=False))
     return step_p, reduce_p
 
 
@@ -163,6 +163,7 @@ class HessianEngine:
         leaves, acc_tdef = jax.tree.flatten(acc)
         sh = NamedSharding(self.mesh, P(BATCH))
         self.acc = [jax.device_put(a, sh) for a in leaves]
+        self._acc_tdef = acc_tdef
         routed = tuple(g.name for g in groups if adapter.pool_of(g.name))
         self._step, self._reduce = _hessian_programs(pb.graphdef, pb.tdef, self.mesh, pb.specs,
                                                      groups, shards, acc_tdef, routed)
@@ -190,9 +191,17 @@ class HessianEngine:
         return processes.local_part(y)
 
     def finalize(self) -> dict:
-        """{group name: HessianStats} as numpy arrays (H (n, n), mean (n,), count ())."""
-        out = self._reduce(self.acc)
-        return {k: hessian.HessianStats(*(np.asarray(a) for a in v)) for k, v in out.items()}
+        """{group name: HessianStats} as numpy arrays (H (n, n), mean (n,), count ()). The
+        accumulators are consumed (reduced group by group, each freed as it is)."""
+        acc = jax.tree.unflatten(self._acc_tdef, self.acc)
+        self.acc = None
+        out = {}
+        # smallest first: the largest group's reduction runs when the others' slots are freed
+        for name in sorted(acc, key=lambda k: (acc[k].xtx_hi.size, k)):
+            st = acc.pop(name)
+            out[name] = hessian.HessianStats(*(np.asarray(a) for a in self._reduce(list(st))))
+            del st
+        return {k: out[k] for k in sorted(out)}
 
     def lower_step(self, x_shape):
         """The lowered step program (for HLO inspection)."""
@@ -202,7 +211,8 @@ class HessianEngine:
         return self._step.lower(self._placed.leaves, x, self.acc, jnp.int32(0), v)
 
     def lower_reduce(self):
-        return self._reduce.lower(self.acc)
+        """The lowered reduction of one group (the first) (for HLO inspection)."""
+        return self._reduce.lower(self.acc[:6])
 
 
 # ---------------------------------------------------------------------------- quantization

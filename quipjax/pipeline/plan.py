@@ -256,15 +256,21 @@ def _hessian_stage(s: _Setup) -> dict:
     att = batch * spec.num_heads * min(ctx, 256) * ctx * 4 * 2           # chunked scores
     taps = batch * ctx * sum(n for _, n in shapes.values()) * 2
     hmax = max(n for _, n in shapes.values())
-    # the end-of-layer reduction: ~7 n_max^2 float32 of grid-sum temporaries plus the H's
-    # (7.1 n^2 measured: XLA's memory_analysis of the Llama-2-7B-shaped program)
-    reduce_tmp = 7 * hmax * hmax * 4 + sum(n * n for _, n in shapes.values()) * 4
+    # the end-of-layer reduction, a group at a time, smallest first (`HessianEngine.finalize`):
+    # 8 n^2 float32 of temporaries for a group of input n (XLA's memory_analysis of the
+    # reduction program), beside the slots of the groups not yet reduced and the H's done
+    reduce_peak, left, done = 0.0, slots * state_b, 0.0
+    for n in sorted(n for _, n in shapes.values()):
+        reduce_peak = max(reduce_peak, left + done + 8 * n * n * 4)
+        left -= slots * 2 * (n * n + n + 1) * 4
+        done += n * n * 4
     step_tmp = acts + att + taps + hmax * hmax * 4                          # + one chunk's X^T X
     mem = {"block weights (1/model stored + one gathered copy)": s.block_w / s.M + s.gathered,
            f"accumulators ({slots} slot(s))": slots * state_b,
            "step temporaries (activations, one X^T X)": step_tmp,
-           "end-of-layer reduction temporaries (not at the same time)": reduce_tmp}
-    peak = s.block_w / s.M + s.gathered + slots * state_b + max(step_tmp, reduce_tmp)
+           "end-of-layer reduction beyond the slots (not at the same time)":
+               reduce_peak - slots * state_b}
+    peak = s.block_w / s.M + s.gathered + max(slots * state_b + step_tmp, reduce_peak)
     n_steps = math.ceil(devset / (D * batch))
     t_step = _block_seconds(s.costs, spec, ctx, "hessian_step_s") * batch
     # the exact reduction per group: one pmax and three psums of n x n float32 (the H pair;
