@@ -78,22 +78,40 @@ def model_forward(model, tokens, remat: bool = True) -> jax.Array:
     return model.head(model_hidden(model, tokens, remat))
 
 
-def distill_kl(model, batch, chunk: int = 128) -> jax.Array:
-    """Mean over tokens of KL(p_fp || p_model). batch = (tokens (B, T), teacher log-probs
-    (B, T, V) float32). Same gradient as the official soft cross-entropy, but 0 at a perfect
-    student, so its value reads directly. The head and the loss run over `chunk` positions
-    at a time, rematerialized, so only (B, chunk, V) logits are live at once."""
-    tokens, logp_fp = batch
+def distill_kl(model, batch, chunk: int = 128, teacher_head=None) -> jax.Array:
+    """Mean over tokens of KL(p_fp || p_model). Same gradient as the official soft
+    cross-entropy, but 0 at a perfect student, so its value reads directly.
+
+    batch = (tokens (B, T), teacher): the FP model's log-probs (B, T, V) float32, or, with
+    `teacher_head` (the graphdef of the FP model's `models.parts.Head`), (its last hidden
+    states (B, T, d) float32, that head's state). The head(s) and the loss run over `chunk`
+    positions at a time, rematerialized, so only (B, chunk, V) logits are live at once; with
+    `teacher_head` the teacher's log-probs are never whole either.
+    """
+    tokens, teacher = batch
     B, T = tokens.shape
     h = model_hidden(model, tokens)
     gdef, state = nnx.split(model)
 
+    def teacher_logp(t_c):
+        if teacher_head is None:
+            return t_c
+        h_fp, head_state = t_c
+        return jax.lax.stop_gradient(
+            jax.nn.log_softmax(nnx.merge(teacher_head, head_state).head(h_fp), -1))
+
     @jax.checkpoint
-    def part(state, h_c, lp_c):
+    def part(state, h_c, t_c):
+        lp_c = teacher_logp(t_c)
         logq = jax.nn.log_softmax(nnx.merge(gdef, state).head(h_c), -1)
         return jnp.sum(jnp.exp(lp_c) * (lp_c - logq))
 
-    total = sum(part(state, h[:, s:s + chunk], logp_fp[:, s:s + chunk]) for s in range(0, T, chunk))
+    def t_chunk(s):
+        if teacher_head is None:
+            return teacher[:, s:s + chunk]
+        return teacher[0][:, s:s + chunk], teacher[1]
+
+    total = sum(part(state, h[:, s:s + chunk], t_chunk(s)) for s in range(0, T, chunk))
     return total / (B * T)
 
 

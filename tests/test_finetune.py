@@ -294,6 +294,15 @@ def test_chunked_distill_kl_equals_direct():
         training.model_forward(m, tok, remat=False), -1)), -1)))(student)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+    # the teacher as hidden states and its head: its log-probs made a chunk at a time too
+    from quipjax.models.parts import Head
+    hd, hs = nnx.split(Head(teacher))
+    hid = (training.model_hidden(teacher, tok, remat=False), hs)
+    np.testing.assert_allclose(float(training.distill_kl(student, (tok, hid), chunk=8,
+                                                         teacher_head=hd)), direct, rtol=1e-5)
+    g2 = nnx.grad(lambda m: training.distill_kl(m, (tok, hid), chunk=8, teacher_head=hd))(student)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
 
 
 @needs_text

@@ -33,7 +33,7 @@ from quipjax.distributed.placement import Placement, spec_for
 from quipjax.layers.tap import attach_taps, tap_inputs
 from quipjax.models.adapter import LLAMA, get_path
 from quipjax.models import parts
-from quipjax.models.parts import DecoderLM
+from quipjax.models.parts import Head
 from quipjax.quantize import Lift
 
 __all__ = ["DEFAULT_HESSIAN_SHARDS", "gather", "block_forward_fn", "HessianEngine",
@@ -260,17 +260,6 @@ def nll_sum(model, x, tokens):
     return parts.nll_sum(model.head, x, tokens)
 
 
-class _Head(nnx.Module):
-    """The output head of a model (final norm + lm_head or tied embeddings) on its own."""
-
-    head = DecoderLM.head
-
-    def __init__(self, model):
-        self.norm = model.norm
-        self.lm_head = model.lm_head
-        self.embed_tokens = model.embed_tokens
-
-
 @functools.lru_cache(maxsize=16)
 def _eval_programs(mesh, head_def, head_tdef, head_specs, emb_spec, embed_scale):
     def embed(table, tok):
@@ -301,7 +290,7 @@ class EvalPrograms:
 
     def __init__(self, model, placement: Placement = Placement(), blocks=None):
         self.mesh = mesh = placement.program_mesh
-        head = _Placed(_Head(model), placement)
+        head = _Placed(Head(model), placement)
         table = model.embed_tokens[...]
         emb_spec = spec_for("embed_tokens", table.shape, mesh, placement.rules)
         self._table = jax.device_put(table, NamedSharding(mesh, emb_spec))

@@ -21,7 +21,7 @@ from flax import nnx
 
 __all__ = ["Linear", "RMSNorm", "rope_frequencies", "apply_rope", "attention", "attend",
            "self_attention", "randomize",
-           "DecoderLM", "ACTIVATIONS", "nll_sum", "CHUNKED_LOGITS"]
+           "DecoderLM", "Head", "ACTIVATIONS", "nll_sum", "CHUNKED_LOGITS"]
 
 # the hidden_act values of HF configs the families run, as jax functions
 ACTIVATIONS = {"silu": jax.nn.silu,
@@ -179,6 +179,18 @@ class DecoderLM(nnx.Module):
         for layer in self.layers:
             x = layer(x, positions)
         return self.head(x)
+
+
+class Head(nnx.Module):
+    """The output head of a model on its own: final norm + lm_head, or the tied embeddings
+    (`DecoderLM.head`). It shares the model's variables."""
+
+    head = DecoderLM.head
+
+    def __init__(self, model):
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+        self.embed_tokens = model.embed_tokens
 
 
 def self_attention(attn, h, positions, cache):

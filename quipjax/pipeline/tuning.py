@@ -18,10 +18,10 @@ the one-device run.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -32,6 +32,7 @@ from quipjax.distributed.processes import to_host
 from quipjax.models.adapter import LLAMA, ModelAdapter, get_path
 from quipjax.models.families import adapter_of
 from quipjax.models.llama import Linear
+from quipjax.models.parts import Head
 from quipjax.models.loaders import CheckpointSource, load_block, load_model
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline.activations import (ActFile, acts_path, clean_work_dir, embed_windows,
@@ -200,16 +201,19 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
                         head_dtype=jnp.float32 if e2e.train_head else cdt, meta=reader.meta,
                         adapter=adapter, train_table=e2e.train_table)
     teacher = load_model(src, cdt, placement=placement)
+    # the teacher's last hidden states per batch; its log-probs are made a chunk of positions
+    # at a time inside the loss (no (batch, ctx, vocab) array held)
+    head_def, head_state = nnx.split(Head(teacher))
 
     @nnx.jit
-    def teacher_logp(teacher, tokens):
-        return jax.nn.log_softmax(training.model_forward(teacher, tokens, remat=False), -1)
+    def teacher_hidden(teacher, tokens):
+        return training.model_hidden(teacher, tokens, remat=False)
 
     n_train, bs = e2e.train_size, e2e.bs
 
     def batch(idx):
         tok = jnp.asarray(placement.batch(windows[np.asarray(list(idx))]))
-        return tok, teacher_logp(teacher, tok)
+        return tok, (teacher_hidden(teacher, tok), head_state)
 
     def train(epoch):
         perm = np.random.default_rng([reader.meta["settings"]["seed"], 1 << 20, epoch]).permutation(n_train)
@@ -232,8 +236,8 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
         if log:
             tr = "" if c["train"] is None else f"train KL {c['train']:.4f}, "
             log(f"e2e epoch {c['epoch']}: {tr}valid KL {c['valid']:.4f} ({c['seconds']:.0f} s)")
-    curve = training.tune(model, training.distill_kl, train, valid, tc, trainable=trainable,
-                          progress=prog)
+    loss = functools.partial(training.distill_kl, teacher_head=head_def)
+    curve = training.tune(model, loss, train, valid, tc, trainable=trainable, progress=prog)
     if log and len(curve) > 1 and not any(c["best"] for c in curve[1:]):
         log("e2e: no epoch lowered the validation KL, the untuned values are kept (too high a "
             "learning rate? --e2e_lr / --e2e_susv_lr)")
