@@ -4,7 +4,8 @@ The forward runs block by block through one compiled block program (all blocks s
 structure, so XLA compiles it once), with the windows split over the devices of a
 `distributed.Placement` (one device without a mesh): each device runs the one-device program
 on its windows and the per-window losses are added in window order, so the value is the same
-on any mesh.
+on any mesh. With `stream` (one loader per block) the pass is layer-major instead, one block in
+memory at a time, and gives the same float.
 """
 from __future__ import annotations
 
