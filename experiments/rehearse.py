@@ -100,7 +100,9 @@ def one_window_text(folder: str, ctx: int, path: str) -> str:
 
 def invoke(args: list, log: str, kill_when=None) -> dict:
     """Run quantize.py with args (output to `log`); with kill_when (a callable), SIGKILL the
-    run as soon as it returns True. Returns {"seconds", "status", "killed", "max_rss_gb"}."""
+    run as soon as it returns True. Returns {"seconds", "status", "killed", "max_rss_gb"}
+    (max_rss_gb: the child's peak since the pipeline last reset its high-water mark, i.e. in
+    its last stage)."""
     t = time.perf_counter()
     with open(log, "a") as lf:
         lf.write(f"\n$ quantize.py {' '.join(args)}\n")
@@ -203,8 +205,8 @@ def main(argv):
         r["stages"] = stage_lines(out)[before:]
         invocations.append(r)
         print(f"invocation {len(invocations)} ({'killed in ' + what if r['killed'] else what}): "
-              f"{r['seconds']:.0f} s, exit {r['status']}, max RSS {r['max_rss_gb']:.2f} GB",
-              flush=True)
+              f"{r['seconds']:.0f} s, exit {r['status']}, peak RSS of its last stage "
+              f"{r['max_rss_gb']:.2f} GB", flush=True)
         if not r["killed"] and r["status"] != 0:
             raise SystemExit(f"invocation {len(invocations)} failed (exit {r['status']}; -9 "
                              f"without our kill: the kernel's OOM killer?): see {log}")
@@ -242,8 +244,10 @@ def main(argv):
             if st["peak_rss_gb"] > FLAGS.max_rss_gb:
                 over.append(f"{st['stage']} of invocation {k}: {st['peak_rss_gb']:.2f} GB")
         if inv["killed"]:
+            # ru_maxrss counts from the last reset of the high-water mark (`PeakRSS`, at each
+            # stage's start): the peak of the stage the kill cut short
             print(f"| {k} | killed in {inv['until']} after {inv['seconds']:.0f} s | | "
-                  f"{inv['max_rss_gb']:.2f} (whole process) | |")
+                  f"{inv['max_rss_gb']:.2f} (the stage cut short) | |")
     missed = [inv["until"] for inv in invocations if inv["until"] != "to the end"
               and not inv["killed"]]
     diffs = d_c + d_h

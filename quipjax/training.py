@@ -61,10 +61,26 @@ def block_mse(block, batch) -> jax.Array:
 
 def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
     """Last hidden states (B, T, d) float32 of a `Llama` (before the final norm), each block
-    rematerialized in the backward pass (memory: one block's activations plus block inputs)."""
+    rematerialized in the backward pass (memory: one block's activations plus block inputs).
+
+    Blocks of one structure run as a `lax.scan` over their stacked variables: unrolled, XLA
+    may schedule every block's recomputation at once (measured on CPU: SmolLM2's 30 blocks at
+    4 x 512 tokens kept 6.1 GB of temporaries, as without remat; scanned 0.9 GB). Blocks of
+    several structures (Gemma 3's local and global layers) run one after another."""
     pos = jnp.arange(tokens.shape[1])
     x = model.embed(tokens)
-    for layer in model.layers:
+    layers = list(model.layers)
+    if remat and len(layers) > 1:
+        split = [nnx.split(layer) for layer in layers]
+        gdef = split[0][0]
+        shapes = [jax.tree.map(jnp.shape, st) for _, st in split]
+        if all(g == gdef for g, _ in split) and all(sh == shapes[0] for sh in shapes):
+            stacked = jax.tree.map(lambda *a: jnp.stack(a), *[st for _, st in split])
+
+            def body(h, st):
+                return nnx.merge(gdef, st)(h, pos), None
+            return jax.lax.scan(jax.checkpoint(body), x, stacked)[0]
+    for layer in layers:
         if remat:
             gdef, state = nnx.split(layer)
             x = jax.checkpoint(lambda s, h, gdef=gdef: nnx.merge(gdef, s)(h, pos))(state, x)
@@ -92,26 +108,32 @@ def distill_kl(model, batch, chunk: int = 128, teacher_head=None) -> jax.Array:
     B, T = tokens.shape
     h = model_hidden(model, tokens)
     gdef, state = nnx.split(model)
+    nc = -(-T // chunk)
+
+    def chunks(a):
+        """(B, T, ...) -> (nc, B, chunk, ...), zero-padded to nc * chunk positions."""
+        a = jnp.pad(a, [(0, 0), (0, nc * chunk - T)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((B, nc, chunk) + a.shape[2:]), 1, 0)
 
     def teacher_logp(t_c):
         if teacher_head is None:
             return t_c
-        h_fp, head_state = t_c
         return jax.lax.stop_gradient(
-            jax.nn.log_softmax(nnx.merge(teacher_head, head_state).head(h_fp), -1))
+            jax.nn.log_softmax(nnx.merge(teacher_head, teacher[1]).head(t_c), -1))
 
     @jax.checkpoint
-    def part(state, h_c, t_c):
+    def part(state, h_c, t_c, m_c):
         lp_c = teacher_logp(t_c)
         logq = jax.nn.log_softmax(nnx.merge(gdef, state).head(h_c), -1)
-        return jnp.sum(jnp.exp(lp_c) * (lp_c - logq))
+        return jnp.sum(m_c[..., None] * jnp.exp(lp_c) * (lp_c - logq))
 
-    def t_chunk(s):
-        if teacher_head is None:
-            return teacher[:, s:s + chunk]
-        return teacher[0][:, s:s + chunk], teacher[1]
-
-    total = sum(part(state, h[:, s:s + chunk], t_chunk(s)) for s in range(0, T, chunk))
+    # a scan, so that one chunk's logits are live at a time (unrolled, XLA may run every
+    # chunk's head at once)
+    def step(total, xs):
+        return total + part(state, *xs), None
+    t = teacher if teacher_head is None else teacher[0]
+    xs = (chunks(h), chunks(t), chunks(jnp.ones((B, T), jnp.float32)))
+    total, _ = jax.lax.scan(step, jnp.float32(0), xs)
     return total / (B * T)
 
 
