@@ -64,7 +64,8 @@ def make_folders(work: str, name: str, shape: dict, ref_layers: int) -> tuple:
     if not (os.path.exists(marker) and json.load(open(marker)) == want):
         t = time.perf_counter()
         print(f"writing the random {name} folder to {big} ...", flush=True)
-        write_tokenizer(big if os.path.isdir(big) else (os.makedirs(big) or big), shape["vocab"])
+        os.makedirs(big, exist_ok=True)
+        write_tokenizer(big, shape["vocab"])
         write_random_folder(big, shape)
         with open(marker, "w") as f:
             json.dump(want, f)

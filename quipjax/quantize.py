@@ -448,17 +448,17 @@ def check_result(ql: QuantizedLinear, W=None) -> None:
 
 
 def _checked(Ws, Hs, idx, shape, cb) -> tuple:
-    """(W stack, H stack) float32 of the matrices idx, each checked (`check_inputs`)."""
-    Wl, Hl = [], []
-    for i in idx:
+    """(W stack, H stack) float32 of the matrices idx, each read and checked once
+    (`check_inputs`; a padded stack repeats its last index)."""
+    got = {}
+    for i in dict.fromkeys(idx):
         W, H = np.asarray(Ws[i], np.float32), np.asarray(Hs[i], np.float32)
         if W.shape != shape:
             raise ValueError(f"quantize_stack: matrices of one stack share a shape: {W.shape}"
                              f" != {shape}")
         check_inputs(jnp.asarray(W), jnp.asarray(H), cb)
-        Wl.append(W)
-        Hl.append(H)
-    return np.stack(Wl), np.stack(Hl)
+        got[i] = W, H
+    return np.stack([got[i][0] for i in idx]), np.stack([got[i][1] for i in idx])
 
 
 class Lift:
