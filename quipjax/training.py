@@ -9,6 +9,7 @@ FP model's next-token distribution, computed in chunks of positions).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Iterable, NamedTuple, Optional
@@ -22,7 +23,7 @@ from flax import nnx
 from quipjax.layers.tunable import SUSV
 
 __all__ = ["TuneConfig", "make_optimizer", "susv_labels", "tune", "block_mse", "distill_kl",
-           "model_forward", "model_hidden"]
+           "model_forward", "model_hidden", "StackedBlocks", "stacked_blocks"]
 
 
 class TuneConfig(NamedTuple):
@@ -59,34 +60,107 @@ def block_mse(block, batch) -> jax.Array:
     return jnp.mean(jnp.square(out - y))
 
 
+class StackedBlocks(nnx.Module):
+    """`n` blocks of one structure in the form `model_hidden` scans over: `blocks[i]` holds
+    block i's `nnx.Param`s (its other variables emptied to (0,) placeholders), `rest` one
+    block whose other variables carry a leading block axis (its Params emptied). Made by
+    `stacked_blocks`."""
+
+    def __init__(self, blocks: list, rest: nnx.Module):
+        self.blocks, self.rest = nnx.List(blocks), rest
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def parts(self) -> tuple:
+        """(graphdef, the Params stacked, the rest as stacked)."""
+        split = [nnx.split(b, nnx.Param, ...) for b in self.blocks]
+        params = jax.tree.map(lambda *a: jnp.stack(a), *[p for _, p, _ in split])
+        return split[0][0], params, nnx.split(self.rest, nnx.Param, ...)[2]
+
+
+def _uniform(layers) -> Optional[list]:
+    """[(graphdef, params, rest)] of `layers` (`nnx.split(layer, nnx.Param, ...)`) when they
+    share one structure and shapes, else None."""
+    split = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+    gdef = split[0][0]
+    shapes = [jax.tree.map(jnp.shape, (p, r)) for _, p, r in split]
+    if all(g == gdef for g, _, _ in split) and all(sh == shapes[0] for sh in shapes):
+        return split
+    return None
+
+
+def _emptied(state):
+    return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state)
+
+
+@contextlib.contextmanager
+def stacked_blocks(model):
+    """Hold `model.layers` as one `StackedBlocks` inside the block (blocks of one structure
+    only; otherwise nothing changes): every variable but the Params stacked once, the Params
+    left per block; at exit, the blocks as they were, with the values they have then
+    (trained ones too).
+
+    Why: `model_hidden` scans blocks of one structure over their stacked variables. Stacked
+    inside a jitted step, the stack is a copy of every block's weights made at every step
+    (SmolLM2's tunable model: 0.48 GB of float32 R); stacked here, the blocks' own copies are
+    dropped. The Params stay per block so that an optimizer sees the leaves it saw before (XLA
+    rounds Adam's update of a (L, n) array and of L (n,) arrays differently in a few
+    elements). Same values and the same step otherwise: the same bits."""
+    layers = list(model.layers)
+    split = _uniform(layers) if len(layers) > 1 else None
+    if split is None:
+        yield model
+        return
+    del layers
+    gdef = split[0][0]
+    rest = jax.tree.map(lambda *a: jnp.stack(a), *[r for _, _, r in split])
+    model.layers = StackedBlocks([nnx.merge(gdef, p, _emptied(r)) for _, p, r in split],
+                                 nnx.merge(gdef, _emptied(split[0][1]), rest))
+    del split, rest
+    try:
+        yield model
+    finally:
+        stacked = model.layers
+        rest = nnx.split(stacked.rest, nnx.Param, ...)[2]
+        blocks = []
+        for i, b in enumerate(stacked.blocks):
+            g, p, _ = nnx.split(b, nnx.Param, ...)
+            blocks.append(nnx.merge(g, p, jax.tree.map(lambda a, i=i: a[i], rest)))
+        model.layers = nnx.List(blocks)
+
+
 def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
     """Last hidden states (B, T, d) float32 of a `Llama` (before the final norm), each block
     rematerialized in the backward pass (memory: one block's activations plus block inputs).
 
-    Blocks of one structure run as a `lax.scan` over their stacked variables: unrolled, XLA
-    may schedule every block's recomputation at once (measured on CPU: SmolLM2's 30 blocks at
-    4 x 512 tokens kept 6.1 GB of temporaries, as without remat; scanned 0.9 GB). Blocks of
-    several structures (Gemma 3's local and global layers) run one after another."""
+    Blocks of one structure run as a `lax.scan` over their stacked variables (pre-stacked by
+    `stacked_blocks`, or stacked here): unrolled, XLA may schedule every block's
+    recomputation at once (measured on CPU: SmolLM2's 30 blocks at 4 x 512 tokens kept 6.1 GB
+    of temporaries, as without remat; scanned 0.9 GB). Blocks of several structures (Gemma
+    3's local and global layers) run one after another."""
     pos = jnp.arange(tokens.shape[1])
     x = model.embed(tokens)
-    layers = list(model.layers)
-    if remat and len(layers) > 1:
-        split = [nnx.split(layer) for layer in layers]
+    if isinstance(model.layers, StackedBlocks):
+        gdef, params, rest = model.layers.parts()
+    else:
+        layers = list(model.layers)
+        split = _uniform(layers) if remat and len(layers) > 1 else None
+        if split is None:
+            for layer in layers:
+                if remat:
+                    gdef, state = nnx.split(layer)
+                    x = jax.checkpoint(lambda s, h, gdef=gdef: nnx.merge(gdef, s)(h, pos))(state, x)
+                else:
+                    x = layer(x, pos)
+            return x
         gdef = split[0][0]
-        shapes = [jax.tree.map(jnp.shape, st) for _, st in split]
-        if all(g == gdef for g, _ in split) and all(sh == shapes[0] for sh in shapes):
-            stacked = jax.tree.map(lambda *a: jnp.stack(a), *[st for _, st in split])
+        params, rest = [jax.tree.map(lambda *a: jnp.stack(a), *[sp[j] for sp in split])
+                        for j in (1, 2)]
 
-            def body(h, st):
-                return nnx.merge(gdef, st)(h, pos), None
-            return jax.lax.scan(jax.checkpoint(body), x, stacked)[0]
-    for layer in layers:
-        if remat:
-            gdef, state = nnx.split(layer)
-            x = jax.checkpoint(lambda s, h, gdef=gdef: nnx.merge(gdef, s)(h, pos))(state, x)
-        else:
-            x = layer(x, pos)
-    return x
+    def body(h, pr):
+        return nnx.merge(gdef, *pr)(h, pos), None
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (params, rest))[0]
 
 
 def model_forward(model, tokens, remat: bool = True) -> jax.Array:

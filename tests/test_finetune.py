@@ -325,3 +325,54 @@ def test_probe_ft_lr_script_tuning_lowers_heldout_mse(tmp_path):
     assert set(rows) == {"0", "1e-3/5e-3"}
     assert rows["1e-3/5e-3"]["heldout_block_mse"] < rows["0"]["heldout_block_mse"]
     assert all("0 epochs" in ln for ln in rows["0"]["stages"])
+
+
+def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
+    """`stacked_blocks` (the blocks' fixed variables stacked once, outside the step; Params
+    per block) gives the loss and gradients of the step that stacks them itself, bit for bit;
+    the blocks keep no copy of the stacked arrays; at exit each block has its values again,
+    trained ones too."""
+    spec = llama.LlamaSpec(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=3,
+                           num_heads=4, num_kv_heads=2, head_dim=8)
+    teacher = llama.init_random(spec, jax.random.key(1))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 20)))
+    lp = jax.nn.log_softmax(training.model_forward(teacher, tok, remat=False), -1)
+
+    def loss_and_grad(model):
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+        f = jax.jit(jax.value_and_grad(
+            lambda p, r: training.distill_kl(nnx.merge(gdef, p, r), (tok, lp), chunk=8)))
+        return f(params, rest)
+
+    student = llama.init_random(spec, jax.random.key(0))
+    for b in student.layers:               # a fixed (not trained) weight, as a tunable R is
+        b.mlp.up_proj.weight = layers.Frozen(b.mlp.up_proj.weight[...])
+    want_loss, want_grad = loss_and_grad(student)
+    up = [np.asarray(b.mlp.up_proj.weight[...]) for b in student.layers]
+    down = [np.asarray(b.mlp.down_proj.weight[...]) for b in student.layers]
+    with training.stacked_blocks(student) as m:
+        assert isinstance(m.layers, training.StackedBlocks) and len(m.layers) == 3
+        assert m.layers.rest.mlp.up_proj.weight[...].shape == (3,) + up[0].shape
+        assert all(b.mlp.up_proj.weight[...].shape == (0,) for b in m.layers.blocks)
+        loss, grad = loss_and_grad(m)
+        assert float(loss) == float(want_loss)
+        got, want = nnx.to_pure_dict(grad), nnx.to_pure_dict(want_grad)
+        for k in ("embed_tokens", "norm"):
+            for x, y in zip(jax.tree.leaves(got[k]), jax.tree.leaves(want[k]), strict=True):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        blocks = got["layers"]["blocks"]
+        for i in range(3):
+            pa = dict(jax.tree_util.tree_leaves_with_path(blocks[i]))
+            pb = dict(jax.tree_util.tree_leaves_with_path(want["layers"][i]))
+            assert pa.keys() == pb.keys() and len(pa) > 0
+            for k in pa:
+                np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]))
+        for b in m.layers.blocks:                                # "trained" Params
+            b.mlp.down_proj.weight[...] = b.mlp.down_proj.weight[...] + 1.0
+    assert isinstance(student.layers, nnx.List) and len(student.layers) == 3
+    for b, u, d in zip(student.layers, up, down):
+        assert isinstance(b.mlp.up_proj.weight, layers.Frozen)
+        np.testing.assert_array_equal(np.asarray(b.mlp.up_proj.weight[...]), u)
+        np.testing.assert_array_equal(np.asarray(b.mlp.down_proj.weight[...]), d + 1.0)
+        b.mlp.down_proj.weight[...] = jnp.asarray(d)
+    assert float(loss_and_grad(student)[0]) == float(want_loss)

@@ -17,3 +17,15 @@ def test_each_stretch_reports_its_own_peak():
     # the second stretch does not inherit the first one's 480 MB
     assert big.gb - small.gb > 0.35, (big.gb, small.gb)
     assert small.gb > 0.01
+
+
+def test_release_freed_drops_compiled_programs_and_they_compile_again():
+    import jax
+    import jax.numpy as jnp
+
+    from quipjax.pipeline.peak_memory import release_freed
+    f = jax.jit(lambda x: x * 3 + 1)
+    assert float(f(jnp.float32(2))) == 7.0 and f._cache_size() == 1
+    release_freed()
+    assert f._cache_size() == 0
+    assert float(f(jnp.float32(2))) == 7.0 and f._cache_size() == 1

@@ -38,6 +38,7 @@ from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline.activations import (ActFile, acts_path, clean_work_dir, embed_windows,
                                           forward_file)
 from quipjax.pipeline.build import build_model
+from quipjax.pipeline.peak_memory import release_freed
 from quipjax.pipeline.quantization import LayerHook
 from quipjax.pipeline.settings import BlockTuneSettings, E2ESettings
 
@@ -237,7 +238,10 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
             tr = "" if c["train"] is None else f"train KL {c['train']:.4f}, "
             log(f"e2e epoch {c['epoch']}: {tr}valid KL {c['valid']:.4f} ({c['seconds']:.0f} s)")
     loss = functools.partial(training.distill_kl, teacher_head=head_def)
-    curve = training.tune(model, loss, train, valid, tc, trainable=trainable, progress=prog)
+    with training.stacked_blocks(model):       # stacked once, not copied at every step
+        release_freed()       # what building, loading and stacking left (BUILD_NOTES.md)
+        curve = training.tune(model, loss, train, valid, tc, trainable=trainable,
+                              progress=prog)
     if log and len(curve) > 1 and not any(c["best"] for c in curve[1:]):
         log("e2e: no epoch lowered the validation KL, the untuned values are kept (too high a "
             "learning rate? --e2e_lr / --e2e_susv_lr)")
