@@ -32,7 +32,7 @@ from quipjax.models.loaders import (CheckpointSource, Tokenizer, load_model_stre
 from quipjax.pipeline import checkpoint as ckpt
 from quipjax.pipeline import calibration, curves, data, evaluate, hessians, interrupt, outdir
 from quipjax.pipeline.build import build_model_streamed
-from quipjax.pipeline.peak_memory import PeakRSS
+from quipjax.pipeline.peak_memory import PeakRSS, release_freed
 from quipjax.pipeline.quantization import (SourceLayers, check_model, group_settings,
                                            quantize_layers)
 from quipjax.pipeline.settings import RunConfig
@@ -460,6 +460,7 @@ def e2e_stage(job: Job) -> None:
             windows = job.calibration.windows("e2e")
             finetune_e2e(out, job.src, cfg.e2e, cfg.tune_dtype, windows,
                          placement=job.placement, log=job.log, adapter=job.adapter)
+        release_freed()      # the next stage's peak would start from the tuning's heap
     if (cfg.ft.epochs > 0 or cfg.e2e.epochs > 0) and processes.is_writer():
         curves.write_curves(out, job.src.spec.num_layers)
 
