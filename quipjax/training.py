@@ -96,7 +96,7 @@ def _emptied(state):
 
 @contextlib.contextmanager
 def stacked_blocks(model):
-    """Hold `model.layers` as one `StackedBlocks` inside the block (blocks of one structure
+    """Hold `model.layers` as one `StackedBlocks` inside the `with` (blocks of one structure
     only; otherwise nothing changes): every variable but the Params stacked once, the Params
     left per block; at exit, the blocks as they were, with the values they have then
     (trained ones too).
