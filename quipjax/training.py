@@ -75,7 +75,7 @@ class StackedBlocks(nnx.Module):
     def parts(self) -> tuple:
         """(graphdef, the Params stacked, the rest as stacked)."""
         split = [nnx.split(b, nnx.Param, ...) for b in self.blocks]
-        params = jax.tree.map(lambda *a: jnp.stack(a), *[p for _, p, _ in split])
+        params = _stacked([p for _, p, _ in split])
         return split[0][0], params, nnx.split(self.rest, nnx.Param, ...)[2]
 
 
@@ -88,6 +88,11 @@ def _uniform(layers) -> Optional[list]:
     if all(g == gdef for g, _, _ in split) and all(sh == shapes[0] for sh in shapes):
         return split
     return None
+
+
+def _stacked(states: list):
+    """One state whose arrays are those of `states` (one structure) stacked on a new axis 0."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 
 def _emptied(state):
@@ -114,7 +119,7 @@ def stacked_blocks(model):
         return
     del layers
     gdef = split[0][0]
-    rest = jax.tree.map(lambda *a: jnp.stack(a), *[r for _, _, r in split])
+    rest = _stacked([r for _, _, r in split])
     model.layers = StackedBlocks([nnx.merge(gdef, p, _emptied(r)) for _, p, r in split],
                                  nnx.merge(gdef, _emptied(split[0][1]), rest))
     del split, rest
@@ -155,8 +160,7 @@ def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
                     x = layer(x, pos)
             return x
         gdef = split[0][0]
-        params, rest = [jax.tree.map(lambda *a: jnp.stack(a), *[sp[j] for sp in split])
-                        for j in (1, 2)]
+        params, rest = [_stacked([sp[j] for sp in split]) for j in (1, 2)]
 
     def body(h, pr):
         return nnx.merge(gdef, *pr)(h, pos), None
