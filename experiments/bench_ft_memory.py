@@ -3,7 +3,7 @@
     python experiments/bench_ft_memory.py --checkpoint=runs/smollm2_135m_2bit_ft
     python experiments/bench_ft_memory.py --checkpoint=... --bs=4 --ctx=512 --train=8 --valid=4
 
-Runs `pipeline.tuning.finetune_e2e` (the stage quantize.py runs) for one epoch on --train +
+Runs `pipeline.tuning.finetune_e2e` (the stage quantize.py runs) for --epochs epochs on --train +
 --valid random calibration-free windows (token ids drawn from the vocabulary: memory does not
 depend on the text) in a fresh process, on a temporary copy of the checkpoint (the original is
 not touched), and prints its peak resident memory (`PeakRSS`) and seconds as one JSON line.
@@ -30,6 +30,7 @@ flags.DEFINE_integer("bs", 4, "Batch size (windows).")
 flags.DEFINE_integer("ctx", 512, "Tokens per window.")
 flags.DEFINE_integer("train", 8, "Training windows (one epoch).")
 flags.DEFINE_integer("valid", 4, "Validation windows.")
+flags.DEFINE_integer("epochs", 1, "Epochs (the heap may grow over them).")
 flags.DEFINE_string("tune_dtype", "bfloat16", "Matmul input dtype while tuning.")
 
 
@@ -45,7 +46,7 @@ def main(argv):
     rng = np.random.default_rng(0)
     windows = rng.integers(0, src.spec.vocab_size, (FLAGS.train + FLAGS.valid, FLAGS.ctx),
                            dtype=np.int64).astype(np.int32)
-    e2e = E2ESettings(epochs=1, bs=FLAGS.bs, update_freq=1, train_size=FLAGS.train,
+    e2e = E2ESettings(epochs=FLAGS.epochs, bs=FLAGS.bs, update_freq=1, train_size=FLAGS.train,
                       valid_size=FLAGS.valid, ctx_size=FLAGS.ctx, early_stop=1)
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "ckpt")

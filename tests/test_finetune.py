@@ -376,3 +376,23 @@ def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
         np.testing.assert_array_equal(np.asarray(b.mlp.down_proj.weight[...]), d + 1.0)
         b.mlp.down_proj.weight[...] = jnp.asarray(d)
     assert float(loss_and_grad(student)[0]) == float(want_loss)
+
+
+def test_teacher_hidden_states_are_each_windows_own_bits():
+    """The e2e stage runs the teacher once per window (`teacher_hidden_states`, batches of bs
+    in order) and builds its training batches from those rows in another order: exact only if
+    a row's bits do not depend on the rest of its batch. Each row equals the teacher run on
+    its window alone, and on shuffled batches of another size, bit for bit (bf16 matmuls)."""
+    from quipjax.pipeline.tuning import set_compute_dtype, teacher_hidden_states
+    spec = llama.LlamaSpec(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=8)
+    teacher = llama.init_random(spec, jax.random.key(1))
+    set_compute_dtype(teacher, jnp.bfloat16)
+    windows = np.random.default_rng(0).integers(0, 40, (7, 24)).astype(np.int32)
+    hid = teacher_hidden_states(teacher, windows, bs=3)
+    assert hid.shape == (7, 24, 32) and hid.dtype == np.float32
+    run = jax.jit(lambda m, t: training.model_hidden(m, t, remat=False))
+    for i in range(7):
+        np.testing.assert_array_equal(np.asarray(run(teacher, windows[i:i + 1]))[0], hid[i])
+    perm = np.random.default_rng(1).permutation(7)[:4]
+    np.testing.assert_array_equal(np.asarray(run(teacher, windows[perm])), hid[perm])

@@ -187,6 +187,27 @@ class BlockTuner(LayerHook):
         self.block = self.batches = None
 
 
+def teacher_hidden_states(teacher, windows: np.ndarray, bs: int,
+                          placement: Placement = Placement()) -> np.ndarray:
+    """The teacher's last hidden states (N, T, d) float32 of every window (N, T), on the host
+    of every process (each batch of `bs` windows is run split over the mesh, then gathered).
+
+    A row depends only on its own window (not on the rest of its batch), so batches made
+    later from these rows carry the bits the teacher would give them.
+    """
+    @nnx.jit
+    def hidden(teacher, tokens):
+        return training.model_hidden(teacher, tokens, remat=False)
+
+    out = None
+    for b in range(0, len(windows), bs):
+        h = to_host(hidden(teacher, jnp.asarray(placement.batch(windows[b:b + bs]))))
+        if out is None:
+            out = np.empty((len(windows),) + h.shape[1:], h.dtype)
+        out[b:b + len(h)] = h
+    return out
+
+
 def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute_dtype,
                  windows: np.ndarray, *, placement: Placement = Placement(),
                  adapter: Optional[ModelAdapter] = None, log: Optional[Callable] = None) -> list:
@@ -198,23 +219,23 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
     adapter = adapter or adapter_of(src.spec)
     cdt = jnp.dtype(compute_dtype)
     reader = ckpt.Reader(ckpt_dir)
+    n_train, bs = e2e.train_size, e2e.bs
+    # the teacher runs once per window, before the student exists: only its head stays (its
+    # log-probs are made a chunk of positions at a time inside the loss, no (batch, ctx,
+    # vocab) array held)
+    teacher = load_model(src, cdt, placement=placement)
+    hidden = teacher_hidden_states(teacher, windows, bs, placement)
+    head_def, head_state = nnx.split(Head(teacher))
+    del teacher
+    release_freed()
     model = build_model(ckpt_dir, linears="tunable", dtype=cdt, placement=placement,
                         head_dtype=jnp.float32 if e2e.train_head else cdt, meta=reader.meta,
                         adapter=adapter, train_table=e2e.train_table)
-    teacher = load_model(src, cdt, placement=placement)
-    # the teacher's last hidden states per batch; its log-probs are made a chunk of positions
-    # at a time inside the loss (no (batch, ctx, vocab) array held)
-    head_def, head_state = nnx.split(Head(teacher))
-
-    @nnx.jit
-    def teacher_hidden(teacher, tokens):
-        return training.model_hidden(teacher, tokens, remat=False)
-
-    n_train, bs = e2e.train_size, e2e.bs
 
     def batch(idx):
-        tok = jnp.asarray(placement.batch(windows[np.asarray(list(idx))]))
-        return tok, (teacher_hidden(teacher, tok), head_state)
+        idx = np.asarray(list(idx))
+        tok, h = placement.batch((windows[idx], hidden[idx]))
+        return jnp.asarray(tok), (h, head_state)
 
     def train(epoch):
         perm = np.random.default_rng([reader.meta["settings"]["seed"], 1 << 20, epoch]).permutation(n_train)
