@@ -378,7 +378,7 @@ def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
     assert float(loss_and_grad(student)[0]) == float(want_loss)
 
 
-def test_teacher_hidden_states_are_each_windows_own_bits():
+def test_teacher_hidden_states_are_each_windows_own_bits(tmp_path):
     """The e2e stage runs the teacher once per window (`teacher_hidden_states`, batches of bs
     in order) and builds its training batches from those rows in another order: exact only if
     a row's bits do not depend on the rest of its batch. Each row equals the teacher run on
@@ -389,8 +389,10 @@ def test_teacher_hidden_states_are_each_windows_own_bits():
     teacher = llama.init_random(spec, jax.random.key(1))
     set_compute_dtype(teacher, jnp.bfloat16)
     windows = np.random.default_rng(0).integers(0, 40, (7, 24)).astype(np.int32)
-    hid = teacher_hidden_states(teacher, windows, bs=3)
+    f = teacher_hidden_states(teacher, windows, 3, str(tmp_path / "hidden.npy"))
+    hid = np.load(f.path)
     assert hid.shape == (7, 24, 32) and hid.dtype == np.float32
+    assert os.listdir(tmp_path) == ["hidden.npy"]
     run = jax.jit(lambda m, t: training.model_hidden(m, t, remat=False))
     for i in range(7):
         np.testing.assert_array_equal(np.asarray(run(teacher, windows[i:i + 1]))[0], hid[i])

@@ -372,21 +372,28 @@ def _e2e_stage(s: _Setup) -> dict:
     spec, e2e, L = s.spec, s.cfg.e2e, s.spec.num_layers
     d, f, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     fw = _block_seconds(s.costs, spec, e2e.ctx_size, "forward_s")
-    # teacher fwd + student fwd + remat fwd + bwd (2x) per train window; 2 fwd per valid
-    per_epoch = L * fw * (5 * e2e.train_size + 2 * e2e.valid_size) / s.batch_par(e2e.bs)
+    # the teacher runs once per window before tuning; per epoch: student fwd + remat fwd +
+    # bwd (2x) per train window, 1 fwd per valid window
+    n_win = e2e.train_size + e2e.valid_size
+    teacher_s = L * fw * n_win / s.batch_par(e2e.bs)
+    per_epoch = L * fw * (4 * e2e.train_size + e2e.valid_size) / s.batch_par(e2e.bs)
     R = sum(m * n for m, n in _group_shapes(spec).values()) * L * 4
     per_dev_b = e2e.bs / s.batch_par(e2e.bs)
     ctx = e2e.ctx_size
+    chunk = 128                            # positions per head / loss chunk (`distill_kl`)
     mem = {"student R (float32), 1/model": R / s.M,
-           "teacher weights (bf16), 1/model": L * s.block_w / s.M,
-           "gathered block (student R + teacher)": 3 * s.gathered,
+           "gathered block (student R)": 2 * s.gathered,
            "block inputs kept for remat": L * per_dev_b * ctx * d * 4,
            "one block's backward activations": per_dev_b * ctx * (8 * d + 4 * f) * 4,
-           "teacher log-probs + head + logits chunk": per_dev_b * ctx * V * 4
-           + (V * d * 4) / s.M + 128 * V * 4 * 3}
-    return dict(name="end-to-end fine-tuning", memory=mem, seconds=e2e.epochs * per_epoch / s.speedup,
+           "heads (student float32, teacher bf16) + a chunk's logits, log-probs, gradient":
+               V * d * (4 + 2) / s.M + per_dev_b * chunk * V * 4 * 3}
+    hidden_gb = n_win * ctx * d * 4 / 2 ** 30
+    return dict(name="end-to-end fine-tuning", memory=mem,
+                seconds=(teacher_s + e2e.epochs * per_epoch) / s.speedup,
                 notes=f"{e2e.epochs} epochs x {e2e.train_size} windows of {ctx} tokens; batch "
-                      f"{e2e.bs} (devices beyond the batch only hold shards)")
+                      f"{e2e.bs} (devices beyond the batch only hold shards); the teacher's "
+                      f"hidden states of the {n_win} windows ({hidden_gb:.2f} GB float32) are "
+                      "made once, before tuning, and written to each host's disk (read a batch at a time)")
 
 
 def _eval_stage(s: _Setup) -> dict:

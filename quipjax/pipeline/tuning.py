@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from typing import Callable, Optional
 
 import jax.numpy as jnp
@@ -187,13 +188,16 @@ class BlockTuner(LayerHook):
         self.block = self.batches = None
 
 
-def teacher_hidden_states(teacher, windows: np.ndarray, bs: int,
-                          placement: Placement = Placement()) -> np.ndarray:
-    """The teacher's last hidden states (N, T, d) float32 of every window (N, T), on the host
-    of every process (each batch of `bs` windows is run split over the mesh, then gathered).
+def teacher_hidden_states(teacher, windows: np.ndarray, bs: int, path: str,
+                          placement: Placement = Placement()) -> ActFile:
+    """Write the teacher's last hidden states (N, T, d) float32 of every window (N, T) to
+    `path` (atomically), and return the file. Each batch of `bs` windows runs split over the
+    mesh; every process writes every row (its own file: a batch made later from any windows
+    is read from it).
 
     A row depends only on its own window (not on the rest of its batch), so batches made
-    later from these rows carry the bits the teacher would give them.
+    later from these rows carry the bits the teacher would give them. On disk, not in
+    memory: at the paper's settings (384 windows of 4096 tokens) Llama-2-7B's are 24 GB.
     """
     @nnx.jit
     def hidden(teacher, tokens):
@@ -203,9 +207,10 @@ def teacher_hidden_states(teacher, windows: np.ndarray, bs: int,
     for b in range(0, len(windows), bs):
         h = to_host(hidden(teacher, jnp.asarray(placement.batch(windows[b:b + bs]))))
         if out is None:
-            out = np.empty((len(windows),) + h.shape[1:], h.dtype)
-        out[b:b + len(h)] = h
-    return out
+            out = ActFile(path + ".tmp.npy", (len(windows),) + h.shape[1:])
+        out.write(b, h)
+    os.replace(out.path, path)
+    return ActFile(path)
 
 
 def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute_dtype,
@@ -223,8 +228,12 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
     # the teacher runs once per window, before the student exists: only its head stays (its
     # log-probs are made a chunk of positions at a time inside the loss, no (batch, ctx,
     # vocab) array held)
+    work = processes.local_dir(os.path.join(ckpt_dir, "e2e_teacher"))
+    shutil.rmtree(work, ignore_errors=True)          # what a killed run left
+    os.makedirs(work)
     teacher = load_model(src, cdt, placement=placement)
-    hidden = teacher_hidden_states(teacher, windows, bs, placement)
+    hidden = teacher_hidden_states(teacher, windows, bs, os.path.join(work, "hidden.npy"),
+                                   placement)
     head_def, head_state = nnx.split(Head(teacher))
     del teacher
     release_freed()
@@ -234,7 +243,8 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
 
     def batch(idx):
         idx = np.asarray(list(idx))
-        tok, h = placement.batch((windows[idx], hidden[idx]))
+        h = np.concatenate([hidden.read(i, i + 1) for i in idx])
+        tok, h = placement.batch((windows[idx], h))
         return jnp.asarray(tok), (h, head_state)
 
     def train(epoch):
@@ -263,6 +273,7 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
         release_freed()       # what building, loading and stacking left (BUILD_NOTES.md)
         curve = training.tune(model, loss, train, valid, tc, trainable=trainable,
                               progress=prog)
+    shutil.rmtree(work, ignore_errors=True)
     if log and len(curve) > 1 and not any(c["best"] for c in curve[1:]):
         log("e2e: no epoch lowered the validation KL, the untuned values are kept (too high a "
             "learning rate? --e2e_lr / --e2e_susv_lr)")
