@@ -23,7 +23,7 @@ from flax import nnx
 from quipjax.layers.tunable import SUSV
 
 __all__ = ["TuneConfig", "make_optimizer", "susv_labels", "tune", "block_mse", "distill_kl",
-           "model_forward", "model_hidden", "StackedBlocks", "stacked_blocks"]
+           "model_forward", "model_hidden", "StackedBlocks", "stacked_blocks", "loss_chunk"]
 
 
 class TuneConfig(NamedTuple):
@@ -61,32 +61,39 @@ def block_mse(block, batch) -> jax.Array:
 
 
 class StackedBlocks(nnx.Module):
-    """`n` blocks of one structure in the form `model_hidden` scans over: `blocks[i]` holds
-    block i's `nnx.Param`s (its other variables emptied to (0,) placeholders), `rest` one
-    block whose other variables carry a leading block axis (its Params emptied). Made by
-    `stacked_blocks`."""
+    """`n` blocks whose structure repeats with a period p (block i is shaped as block i mod p;
+    p = 1 for blocks of one structure) in the form `model_hidden` scans over: `blocks[i]`
+    holds block i's `nnx.Param`s (its other variables emptied to (0,) placeholders),
+    `rests[j]` one block whose other variables are those of blocks j, j + p, ... stacked on a
+    leading axis (its Params emptied). Made by `stacked_blocks`."""
 
-    def __init__(self, blocks: list, rest: nnx.Module):
-        self.blocks, self.rest = nnx.List(blocks), rest
+    def __init__(self, blocks: list, rests: list):
+        self.blocks, self.rests = nnx.List(blocks), nnx.List(rests)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def parts(self) -> tuple:
-        """(graphdef, the Params stacked, the rest as stacked)."""
+        """(graphdefs, Params, rests): per position j of the period, its graphdef, the Params
+        of blocks j, j + p, ... stacked, and the stacked rest."""
+        p = len(self.rests)
         split = [nnx.split(b, nnx.Param, ...) for b in self.blocks]
-        params = _stacked([p for _, p, _ in split])
-        return split[0][0], params, nnx.split(self.rest, nnx.Param, ...)[2]
+        gdefs = [split[j][0] for j in range(p)]
+        params = [_stacked([sp[1] for sp in split[j::p]]) for j in range(p)]
+        return gdefs, params, [nnx.split(r, nnx.Param, ...)[2] for r in self.rests]
 
 
-def _uniform(layers) -> Optional[list]:
-    """[(graphdef, params, rest)] of `layers` (`nnx.split(layer, nnx.Param, ...)`) when they
-    share one structure and shapes, else None."""
+def _periodic(layers) -> Optional[tuple]:
+    """(p, [(graphdef, params, rest)] of each layer, `nnx.split(layer, nnx.Param, ...)`) for
+    the smallest period p < len(layers) such that each layer i has the structure and shapes
+    of layer i mod p (p = 1: one structure; Gemma 3: 5 local layers and a global one), else
+    None."""
     split = [nnx.split(layer, nnx.Param, ...) for layer in layers]
-    gdef = split[0][0]
-    shapes = [jax.tree.map(jnp.shape, (p, r)) for _, p, r in split]
-    if all(g == gdef for g, _, _ in split) and all(sh == shapes[0] for sh in shapes):
-        return split
+    keys = [(g, jax.tree.map(jnp.shape, (pa, r))) for g, pa, r in split]
+    n = len(layers)
+    for p in range(1, n):
+        if n % p == 0 and all(keys[i] == keys[i % p] for i in range(p, n)):
+            return p, split
     return None
 
 
@@ -101,37 +108,38 @@ def _emptied(state):
 
 @contextlib.contextmanager
 def stacked_blocks(model):
-    """Hold `model.layers` as one `StackedBlocks` inside the `with` (blocks of one structure
-    only; otherwise nothing changes): every variable but the Params stacked once, the Params
-    left per block; at exit, the blocks as they were, with the values they have then
-    (trained ones too).
+    """Hold `model.layers` as one `StackedBlocks` inside the `with` (blocks whose structure
+    repeats with a period, see `StackedBlocks`; otherwise nothing changes): every variable
+    but the Params stacked once, the Params left per block; at exit, the blocks as they were,
+    with the values they have then (trained ones too).
 
-    Why: `model_hidden` scans blocks of one structure over their stacked variables. Stacked
-    inside a jitted step, the stack is a copy of every block's weights made at every step
-    (SmolLM2's tunable model: 0.48 GB of float32 R); stacked here, the blocks' own copies are
-    dropped. The Params stay per block so that an optimizer sees the leaves it saw before (XLA
-    rounds Adam's update of a (L, n) array and of L (n,) arrays differently in a few
-    elements). Same values and the same step otherwise: the same bits."""
+    Why: `model_hidden` scans such blocks over their stacked variables. Stacked inside a
+    jitted step, the stack is a copy of every block's weights made at every step (SmolLM2's
+    tunable model: 0.48 GB of float32 R); stacked here, the blocks' own copies are dropped.
+    The Params stay per block so that an optimizer sees the leaves it saw before (XLA rounds
+    Adam's update of a (L, n) array and of L (n,) arrays differently in a few elements). Same
+    values and the same step otherwise: the same bits."""
     layers = list(model.layers)
-    split = _uniform(layers) if len(layers) > 1 else None
-    if split is None:
+    found = _periodic(layers) if len(layers) > 1 else None
+    if found is None:
         yield model
         return
     del layers
-    gdef = split[0][0]
-    rest = _stacked([r for _, _, r in split])
-    model.layers = StackedBlocks([nnx.merge(gdef, p, _emptied(r)) for _, p, r in split],
-                                 nnx.merge(gdef, _emptied(split[0][1]), rest))
-    del split, rest
+    p, split = found
+    rests = [nnx.merge(split[j][0], _emptied(split[j][1]),
+                       _stacked([r for _, _, r in split[j::p]])) for j in range(p)]
+    model.layers = StackedBlocks([nnx.merge(g, pa, _emptied(r)) for g, pa, r in split], rests)
+    del split, rests
     try:
         yield model
     finally:
         stacked = model.layers
-        rest = nnx.split(stacked.rest, nnx.Param, ...)[2]
+        p = len(stacked.rests)
+        rests = [nnx.split(r, nnx.Param, ...)[2] for r in stacked.rests]
         blocks = []
         for i, b in enumerate(stacked.blocks):
-            g, p, _ = nnx.split(b, nnx.Param, ...)
-            blocks.append(nnx.merge(g, p, jax.tree.map(lambda a, i=i: a[i], rest)))
+            g, pa, _ = nnx.split(b, nnx.Param, ...)
+            blocks.append(nnx.merge(g, pa, jax.tree.map(lambda a, k=i // p: a[k], rests[i % p])))
         model.layers = nnx.List(blocks)
 
 
@@ -139,19 +147,21 @@ def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
     """Last hidden states (B, T, d) float32 of a `Llama` (before the final norm), each block
     rematerialized in the backward pass (memory: one block's activations plus block inputs).
 
-    Blocks of one structure run as a `lax.scan` over their stacked variables (pre-stacked by
-    `stacked_blocks`, or stacked here): unrolled, XLA may schedule every block's
-    recomputation at once (measured on CPU: SmolLM2's 30 blocks at 4 x 512 tokens kept 6.1 GB
-    of temporaries, as without remat; scanned 0.9 GB). Blocks of several structures (Gemma
-    3's local and global layers) run one after another."""
+    Blocks whose structure repeats with a period p (p = 1: one structure; Gemma 3's five
+    local layers and one global one: p = 6) run as a `lax.scan` over their stacked variables
+    (pre-stacked by `stacked_blocks`, or stacked here), p blocks per step, the step
+    rematerialized: unrolled, XLA may schedule every block's recomputation at once (measured
+    on CPU: SmolLM2's 30 blocks at 4 x 512 tokens kept 6.1 GB of temporaries, as without
+    remat; scanned 0.9 GB). Other blocks, and every block without remat, run one after
+    another."""
     pos = jnp.arange(tokens.shape[1])
     x = model.embed(tokens)
     if isinstance(model.layers, StackedBlocks):
-        gdef, params, rest = model.layers.parts()
+        gdefs, params, rests = model.layers.parts()
     else:
         layers = list(model.layers)
-        split = _uniform(layers) if remat and len(layers) > 1 else None
-        if split is None:
+        found = _periodic(layers) if remat and len(layers) > 1 else None
+        if found is None:
             for layer in layers:
                 if remat:
                     gdef, state = nnx.split(layer)
@@ -159,12 +169,16 @@ def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
                 else:
                     x = layer(x, pos)
             return x
-        gdef = split[0][0]
-        params, rest = [_stacked([sp[j] for sp in split]) for j in (1, 2)]
+        p, split = found
+        gdefs = [split[j][0] for j in range(p)]
+        params, rests = [[_stacked([sp[k] for sp in split[j::p]]) for j in range(p)]
+                         for k in (1, 2)]
 
     def body(h, pr):
-        return nnx.merge(gdef, *pr)(h, pos), None
-    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (params, rest))[0]
+        for g, pa, r in zip(gdefs, *pr):
+            h = nnx.merge(g, pa, r)(h, pos)
+        return h, None
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (params, rests))[0]
 
 
 def model_forward(model, tokens, remat: bool = True) -> jax.Array:
@@ -172,18 +186,31 @@ def model_forward(model, tokens, remat: bool = True) -> jax.Array:
     return model.head(model_hidden(model, tokens, remat))
 
 
-def distill_kl(model, batch, chunk: int = 128, teacher_head=None) -> jax.Array:
+def loss_chunk(batch: int, vocab: int, most: int = 128, logits: int = 1 << 26) -> int:
+    """Positions per chunk of `distill_kl`: `most`, halved while a chunk's (batch, chunk,
+    vocab) float32 logits exceed `logits` elements (256 MB): 128 for SmolLM2 at batch 4
+    (vocabulary 49,152), 64 for Gemma 3 (262,144)."""
+    chunk = most
+    while chunk > 1 and batch * chunk * vocab > logits:
+        chunk //= 2
+    return chunk
+
+
+def distill_kl(model, batch, chunk: Optional[int] = None, teacher_head=None) -> jax.Array:
     """Mean over tokens of KL(p_fp || p_model). Same gradient as the official soft
     cross-entropy, but 0 at a perfect student, so its value reads directly.
 
     batch = (tokens (B, T), teacher): the FP model's log-probs (B, T, V) float32, or, with
     `teacher_head` (the graphdef of the FP model's `models.parts.Head`), (its last hidden
     states (B, T, d) float32, that head's state). The head(s) and the loss run over `chunk`
-    positions at a time, rematerialized, so only (B, chunk, V) logits are live at once; with
-    `teacher_head` the teacher's log-probs are never whole either.
+    positions at a time (default `loss_chunk(B, V)`), rematerialized, so only (B, chunk, V)
+    logits are live at once; with `teacher_head` the teacher's log-probs are never whole
+    either.
     """
     tokens, teacher = batch
     B, T = tokens.shape
+    if chunk is None:
+        chunk = loss_chunk(B, model.embed_tokens[...].shape[0])
     h = model_hidden(model, tokens)
     gdef, state = nnx.split(model)
     nc = -(-T // chunk)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -352,7 +353,7 @@ def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
     down = [np.asarray(b.mlp.down_proj.weight[...]) for b in student.layers]
     with training.stacked_blocks(student) as m:
         assert isinstance(m.layers, training.StackedBlocks) and len(m.layers) == 3
-        assert m.layers.rest.mlp.up_proj.weight[...].shape == (3,) + up[0].shape
+        assert m.layers.rests[0].mlp.up_proj.weight[...].shape == (3,) + up[0].shape
         assert all(b.mlp.up_proj.weight[...].shape == (0,) for b in m.layers.blocks)
         loss, grad = loss_and_grad(m)
         assert float(loss) == float(want_loss)
@@ -398,3 +399,66 @@ def test_teacher_hidden_states_are_each_windows_own_bits(tmp_path):
         np.testing.assert_array_equal(np.asarray(run(teacher, windows[i:i + 1]))[0], hid[i])
     perm = np.random.default_rng(1).permutation(7)[:4]
     np.testing.assert_array_equal(np.asarray(run(teacher, windows[perm])), hid[perm])
+
+
+def test_periodic_blocks_scan_with_the_unrolled_values_and_stack_in_place():
+    """Gemma 3-like blocks (local, global, local, global: period 2) run under one scan of
+    period-long steps (`model_hidden`), with the unrolled forward's loss and gradients (to
+    float32 rounding: the scan is another XLA program); `stacked_blocks` holds one stacked
+    rest per position of the period and gives the same bits as stacking inside the step; 3
+    blocks of two structures (no period) run unrolled, unstacked."""
+    from quipjax.models import gemma3
+    spec = gemma3.Gemma3Spec(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=4,
+                             num_heads=2, num_kv_heads=1, head_dim=16, sliding_window=6,
+                             layer_types=("sliding_attention", "full_attention") * 2,
+                             query_pre_attn_scalar=16.0)
+    teacher = gemma3.init_random(spec, jax.random.key(1))
+    student = gemma3.init_random(spec, jax.random.key(0))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 20)))
+    lp = jax.nn.log_softmax(training.model_forward(teacher, tok, remat=False), -1)
+
+    def loss_and_grad(model, remat=True):
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def f(p, r):
+            m = nnx.merge(gdef, p, r)
+            lq = jax.nn.log_softmax(m.head(training.model_hidden(m, tok, remat=remat)), -1)
+            return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
+        loss, grad = jax.jit(jax.value_and_grad(f))(params, rest)
+        return loss, nnx.to_pure_dict(grad)
+
+    plain_loss, plain_grad = loss_and_grad(student, remat=False)
+    loss, grad = loss_and_grad(student)
+    np.testing.assert_allclose(float(loss), float(plain_loss), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(grad), jax.tree.leaves(plain_grad), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    with training.stacked_blocks(student) as m:
+        assert isinstance(m.layers, training.StackedBlocks) and len(m.layers.rests) == 2
+        assert [r.self_attn.window for r in m.layers.rests] == [6, None]
+        s_loss, s_grad = loss_and_grad(m)
+        assert float(s_loss) == float(loss)
+        blocks = s_grad["layers"]["blocks"]
+        for i in range(4):
+            pa = dict(jax.tree_util.tree_leaves_with_path(blocks[i]))
+            pb = dict(jax.tree_util.tree_leaves_with_path(grad["layers"][i]))
+            assert pa.keys() == pb.keys() and len(pa) > 0
+            for k in pa:
+                np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]))
+    assert isinstance(student.layers, nnx.List)
+    assert [b.self_attn.window for b in student.layers] == [6, None, 6, None]
+    assert float(loss_and_grad(student)[0]) == float(loss)
+    odd = gemma3.init_random(dataclasses.replace(spec, num_layers=3, layer_types=(
+        "sliding_attention", "full_attention", "sliding_attention")), jax.random.key(2))
+    assert training._periodic(list(odd.layers)) is None
+    with training.stacked_blocks(odd) as m:
+        assert isinstance(m.layers, nnx.List)
+
+
+def test_loss_chunk_bounds_the_logits():
+    assert training.loss_chunk(4, 49152) == 128          # SmolLM2: as before
+    assert training.loss_chunk(4, 262144) == 64          # Gemma 3
+    assert training.loss_chunk(1, 10 ** 9) == 1
+    for b, v in [(4, 49152), (4, 262144), (16, 152064), (1, 32000)]:
+        c = training.loss_chunk(b, v)
+        assert b * c * v <= 1 << 26 or c == 1
+        assert c == 128 or b * 2 * c * v > 1 << 26
