@@ -124,8 +124,8 @@ def stacked_blocks(model):
     if found is None:
         yield model
         return
-    del layers
     p, split = found
+    del layers, found         # no reference to the blocks' own arrays may outlive the stacking
     rests = [nnx.merge(split[j][0], _emptied(split[j][1]),
                        _stacked([r for _, _, r in split[j::p]])) for j in range(p)]
     model.layers = StackedBlocks([nnx.merge(g, pa, _emptied(r)) for g, pa, r in split], rests)

@@ -349,9 +349,16 @@ def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
     for b in student.layers:               # a fixed (not trained) weight, as a tunable R is
         b.mlp.up_proj.weight = layers.Frozen(b.mlp.up_proj.weight[...])
     want_loss, want_grad = loss_and_grad(student)
-    up = [np.asarray(b.mlp.up_proj.weight[...]) for b in student.layers]
+    up = [np.array(b.mlp.up_proj.weight[...], copy=True) for b in student.layers]
     down = [np.asarray(b.mlp.down_proj.weight[...]) for b in student.layers]
+    import gc
+    import weakref
+    old = [weakref.ref(b.mlp.up_proj.weight[...]) for b in student.layers]
+    del b                                                   # the loop's last block
     with training.stacked_blocks(student) as m:
+        # the stack replaces the blocks' arrays: nothing keeps the old ones alive
+        gc.collect()
+        assert [r() for r in old] == [None] * 3
         assert isinstance(m.layers, training.StackedBlocks) and len(m.layers) == 3
         assert m.layers.rests[0].mlp.up_proj.weight[...].shape == (3,) + up[0].shape
         assert all(b.mlp.up_proj.weight[...].shape == (0,) for b in m.layers.blocks)
