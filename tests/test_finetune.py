@@ -328,6 +328,17 @@ def test_probe_ft_lr_script_tuning_lowers_heldout_mse(tmp_path):
     assert all("0 epochs" in ln for ln in rows["0"]["stages"])
 
 
+def _assert_block_grads_equal(stacked, plain, n):
+    """The per-block gradients of a `StackedBlocks` model = those of the plain blocks, bit for
+    bit (pure dicts)."""
+    for i in range(n):
+        pa = dict(jax.tree_util.tree_leaves_with_path(stacked[i]))
+        pb = dict(jax.tree_util.tree_leaves_with_path(plain[i]))
+        assert pa.keys() == pb.keys() and len(pa) > 0
+        for k in pa:
+            np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]))
+
+
 def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
     """`stacked_blocks` (the blocks' fixed variables stacked once, outside the step; Params
     per block) gives the loss and gradients of the step that stacks them itself, bit for bit;
@@ -368,13 +379,7 @@ def test_stacked_blocks_same_bits_and_restored_with_tuned_values():
         for k in ("embed_tokens", "norm"):
             for x, y in zip(jax.tree.leaves(got[k]), jax.tree.leaves(want[k]), strict=True):
                 np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        blocks = got["layers"]["blocks"]
-        for i in range(3):
-            pa = dict(jax.tree_util.tree_leaves_with_path(blocks[i]))
-            pb = dict(jax.tree_util.tree_leaves_with_path(want["layers"][i]))
-            assert pa.keys() == pb.keys() and len(pa) > 0
-            for k in pa:
-                np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]))
+        _assert_block_grads_equal(got["layers"]["blocks"], want["layers"], 3)
         for b in m.layers.blocks:                                # "trained" Params
             b.mlp.down_proj.weight[...] = b.mlp.down_proj.weight[...] + 1.0
     assert isinstance(student.layers, nnx.List) and len(student.layers) == 3
@@ -444,13 +449,7 @@ def test_periodic_blocks_scan_with_the_unrolled_values_and_stack_in_place():
         assert [r.self_attn.window for r in m.layers.rests] == [6, None]
         s_loss, s_grad = loss_and_grad(m)
         assert float(s_loss) == float(loss)
-        blocks = s_grad["layers"]["blocks"]
-        for i in range(4):
-            pa = dict(jax.tree_util.tree_leaves_with_path(blocks[i]))
-            pb = dict(jax.tree_util.tree_leaves_with_path(grad["layers"][i]))
-            assert pa.keys() == pb.keys() and len(pa) > 0
-            for k in pa:
-                np.testing.assert_array_equal(np.asarray(pa[k]), np.asarray(pb[k]))
+        _assert_block_grads_equal(s_grad["layers"]["blocks"], grad["layers"], 4)
     assert isinstance(student.layers, nnx.List)
     assert [b.self_attn.window for b in student.layers] == [6, None, 6, None]
     assert float(loss_and_grad(student)[0]) == float(loss)

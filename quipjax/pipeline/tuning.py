@@ -277,7 +277,13 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
     if log and len(curve) > 1 and not any(c["best"] for c in curve[1:]):
         log("e2e: no epoch lowered the validation KL, the untuned values are kept (too high a "
             "learning rate? --e2e_lr / --e2e_susv_lr)")
+    _save_e2e(ckpt_dir, reader, model, adapter, head if e2e.train_head else None, curve)
+    return curve
 
+
+def _save_e2e(ckpt_dir, reader, model, adapter, head: Optional[str], curve) -> None:
+    """Save the tuned su/sv (and tables), norms, and the head if it trained (`head`: its
+    name), as the checkpoint's e2e override (written once)."""
     tuned_layers = []
     for i, block in enumerate(model.layers):
         groups, _ = reader.layer(i)
@@ -287,10 +293,9 @@ def finetune_e2e(ckpt_dir: str, src: CheckpointSource, e2e: E2ESettings, compute
                                         for k, g in tuned.items()},
                              "norms": adapter.fp_params(block)})
     glob = {"norm": to_host(model.norm.weight[...])}
-    if e2e.train_head:
+    if head is not None:
         glob[head] = to_host((model.embed_tokens if head == "embed_tokens"
                               else model.lm_head.weight)[...])
     if processes.is_writer():
         ckpt.save_e2e(ckpt_dir, tuned_layers, glob, {"curve": curve})
     processes.barrier("e2e: saved")
-    return curve
