@@ -78,9 +78,8 @@ class StackedBlocks(nnx.Module):
         of blocks j, j + p, ... stacked, and the stacked rest."""
         p = len(self.rests)
         split = [nnx.split(b, nnx.Param, ...) for b in self.blocks]
-        gdefs = [split[j][0] for j in range(p)]
-        params = [_stacked([sp[1] for sp in split[j::p]]) for j in range(p)]
-        return gdefs, params, [nnx.split(r, nnx.Param, ...)[2] for r in self.rests]
+        return ([split[j][0] for j in range(p)], _period_stacks(split, p, 1),
+                [nnx.split(r, nnx.Param, ...)[2] for r in self.rests])
 
 
 def _periodic(layers) -> Optional[tuple]:
@@ -100,6 +99,12 @@ def _periodic(layers) -> Optional[tuple]:
 def _stacked(states: list):
     """One state whose arrays are those of `states` (one structure) stacked on a new axis 0."""
     return jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+
+def _period_stacks(split: list, p: int, k: int) -> list:
+    """Per position j of the period p: part k (1: Params, 2: the rest) of the splits of
+    blocks j, j + p, ... stacked (`_stacked`)."""
+    return [_stacked([sp[k] for sp in split[j::p]]) for j in range(p)]
 
 
 def _emptied(state):
@@ -126,8 +131,8 @@ def stacked_blocks(model):
         return
     p, split = found
     del layers, found         # no reference to the blocks' own arrays may outlive the stacking
-    rests = [nnx.merge(split[j][0], _emptied(split[j][1]),
-                       _stacked([r for _, _, r in split[j::p]])) for j in range(p)]
+    rests = [nnx.merge(split[j][0], _emptied(split[j][1]), r)
+             for j, r in enumerate(_period_stacks(split, p, 2))]
     model.layers = StackedBlocks([nnx.merge(g, pa, _emptied(r)) for g, pa, r in split], rests)
     del split, rests
     try:
@@ -171,8 +176,7 @@ def model_hidden(model, tokens, remat: bool = True) -> jax.Array:
             return x
         p, split = found
         gdefs = [split[j][0] for j in range(p)]
-        params, rests = [[_stacked([sp[k] for sp in split[j::p]]) for j in range(p)]
-                         for k in (1, 2)]
+        params, rests = _period_stacks(split, p, 1), _period_stacks(split, p, 2)
 
     def body(h, pr):
         for g, pa, r in zip(gdefs, *pr):

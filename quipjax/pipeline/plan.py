@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from quipjax import codebooks
+from quipjax.training import loss_chunk
 from quipjax.models.families import family_for_model_type
 from quipjax.models.llama import LlamaSpec
 from quipjax.pipeline.settings import RunConfig
@@ -380,7 +381,7 @@ def _e2e_stage(s: _Setup) -> dict:
     R = sum(m * n for m, n in _group_shapes(spec).values()) * L * 4
     per_dev_b = e2e.bs / s.batch_par(e2e.bs)
     ctx = e2e.ctx_size
-    chunk = 128                            # positions per head / loss chunk (`distill_kl`)
+    chunk = loss_chunk(e2e.bs, V)          # positions per head / loss chunk (`distill_kl`)
     mem = {"student R (float32), 1/model": R / s.M,
            "gathered block (student R)": 2 * s.gathered,
            "block inputs kept for remat": L * per_dev_b * ctx * d * 4,
