@@ -59,3 +59,30 @@ def test_dimension_mismatch_and_regularize():
     H = jnp.diag(jnp.array([2.0, 4.0]))
     R = hessian.regularize(H, 0.01)
     np.testing.assert_allclose(R, np.diag([2 / 3 + 0.01, 4 / 3 + 0.01]), rtol=1e-6)
+
+
+def _full_gram(x):
+    return jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("n", [333, 640])
+def test_gram_blocks_match_float64(n):
+    # the block-row split (uneven last block at 333) against a float64 NumPy product
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((700, n)) * 2 + rng.standard_normal(n) * 5).astype(np.float32)
+    g = np.asarray(jax.jit(hessian.gram)(x), np.float64)
+    ref = x.astype(np.float64).T @ x.astype(np.float64)
+    assert np.abs(g - ref).max() / np.abs(ref).max() < 1e-6
+    np.testing.assert_array_equal(g, g.T)
+
+
+@pytest.mark.parametrize("n", [576, 1536, 640, 1024, 2048, 4096])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gram_has_the_full_products_bits_on_model_widths(n, dtype):
+    # SmolLM2's (576, 1536), Gemma 3 270M's (640, 1024, 2048) and Llama-2-7B's 4096 inputs: the
+    # cached Hessians were made with the full product, the split must not change a bit
+    rng = np.random.default_rng(n)
+    for rows in (1024, 37):
+        x = jnp.asarray(rng.standard_normal((rows, n)) * 3 + 0.5, dtype)
+        np.testing.assert_array_equal(np.asarray(jax.jit(hessian.gram)(x)),
+                                      np.asarray(jax.jit(_full_gram)(x)))
