@@ -50,6 +50,46 @@ def test_mesh_flag_parsing_and_errors():
     assert shd.parse_mesh(f"data:{n}").shape == {"data": n, "model": 1}
 
 
+SIMULATE = r'''
+import json, os, sys
+import jax, jax.numpy as jnp
+from quipjax import distributed as shd
+shd.simulate_cpu_devices(int(sys.argv[1]))
+jnp.ones(2).block_until_ready()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+try:
+    shd.simulate_cpu_devices(2)
+    late = None
+except RuntimeError as e:
+    late = str(e)
+print("RESULT " + json.dumps({"devices": len(jax.devices()), "nproc": os.environ["PJRT_NPROC"],
+                              "pool": names.count("tf_XLAEigen"), "late": late}))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_simulated_cpu_devices_get_four_xla_threads_each(tmp_path):
+    """XLA's CPU pool has max(cores, devices) threads unless PJRT_NPROC says otherwise; with
+    one thread per device the scanned fine-tuning step on data:4,model:2 deadlocked (every
+    thread waiting in a collective), so `simulate_cpu_devices` asks for 4 per device."""
+    script = tmp_path / "simulate.py"
+    script.write_text(SIMULATE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+    env["PYTHONPATH"] = os.pathsep.join([HERE, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    got = {}
+    for n, preset in ((3, None), (2, "5")):
+        e = dict(env, **({"PJRT_NPROC": preset} if preset else {}))
+        p = subprocess.run([sys.executable, str(script), str(n)], env=e, capture_output=True,
+                           text=True, timeout=300)
+        lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        assert p.returncode == 0 and lines, p.stderr[-2000:]
+        got[n] = json.loads(lines[-1][len("RESULT "):])
+    want = str(max(os.cpu_count() or 1, 12))
+    assert got[3]["devices"] == 3 and got[3]["nproc"] == want and got[3]["pool"] == int(want)
+    assert got[2]["devices"] == 2 and got[2]["nproc"] == "5" and got[2]["pool"] == 5  # kept
+    assert "before backends are initialized" in got[3]["late"]
+
+
 def _plain_exact_merge(hi, lo, n_terms):
     """exact_merge in NumPy, materializing each level's terms: grids 2^e1 > 2^e2 > 2^e3 set by
     the largest |hi|, each level's terms rounded to its grid and summed, the remainders passed
@@ -124,8 +164,9 @@ def test_exact_merge_is_order_independent_and_accurate():
 SCRIPT = r'''
 import json, os, sys, time
 import jax, jax.numpy as jnp, numpy as np
-assert len(jax.devices()) == 8, jax.devices()
 from quipjax import codebooks, distributed as shd, rht
+shd.simulate_cpu_devices(8)     # and 32 XLA CPU threads: see its docstring
+assert len(jax.devices()) == 8, jax.devices()
 from quipjax.group import group_key
 from quipjax.models import loaders
 from quipjax.pipeline import checkpoint as ckpt
@@ -281,8 +322,8 @@ print("RESULT " + json.dumps(out))
 def test_eight_simulated_devices_identical_codes_and_collectives(tmp_path):
     script = tmp_path / "run8.py"
     script.write_text(textwrap.dedent(SCRIPT.format()))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    env.pop("PJRT_NPROC", None)
     p = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=1200)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]

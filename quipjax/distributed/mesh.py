@@ -6,6 +6,7 @@ together (`BATCH`): every device works on its own windows or matrices.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -13,10 +14,30 @@ import numpy as np
 from jax.sharding import Mesh
 
 __all__ = ["AXES", "BATCH", "mesh_shape", "parse_mesh", "one_device_mesh", "describe",
-           "num_devices"]
+           "num_devices", "simulate_cpu_devices", "CPU_THREADS_PER_DEVICE"]
 
 AXES = ("data", "model")
 BATCH = ("data", "model")            # batch / stack axis: every device
+CPU_THREADS_PER_DEVICE = 4           # XLA CPU threads per simulated device (see below)
+
+
+def simulate_cpu_devices(n: int, threads_per_device: int = CPU_THREADS_PER_DEVICE) -> None:
+    """Simulate n devices on the CPU (to run --mesh without accelerators). Call right after
+    `import jax`, before any JAX operation (else JAX raises).
+
+    Also sizes XLA's CPU thread pools to threads_per_device * n threads (the environment
+    variable PJRT_NPROC, unless it is set already). Why: XLA runs every simulated device's
+    program on one shared pool of max(cores, devices) threads, and a collective holds its
+    thread until every device of its group arrives. A program with collectives inside loops
+    (the scanned fine-tuning step on a data x model mesh) can have several of them waiting
+    per device, so a pool of one thread per device can fill with waiting collectives while
+    the devices they wait for have no thread left to run on: XLA then aborts the process
+    after its rendezvous timeout. Measured on 2 cores: the e2e step on data:4,model:2 hung
+    so in about 1 run of 4 with 8 threads, never with 32 (BUILD_NOTES, issue 17)."""
+    if n < 1:
+        raise ValueError(f"simulate_cpu_devices: n must be >= 1, got {n}")
+    os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, threads_per_device * n)))
+    jax.config.update("jax_num_cpu_devices", n)
 
 
 def mesh_shape(spec: Optional[str]) -> dict:
@@ -70,9 +91,8 @@ def parse_mesh(spec: Optional[str], devices: Optional[Sequence] = None,
             f"--mesh={spec!r} needs {total} devices but {have} {platform}devices are visible: "
             f"the axis sizes must multiply to the device count (for {have} devices e.g. "
             f"data:{have}" + (f" or data:{have // 2},model:2" if have % 2 == 0 and have > 1 else "")
-            + "); use CUDA_VISIBLE_DEVICES to use fewer GPUs, or "
-            "--cpu_devices / XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate "
-            "devices on a CPU")
+            + "); use CUDA_VISIBLE_DEVICES to use fewer GPUs, or --cpu_devices=N "
+            "(`simulate_cpu_devices`) to simulate devices on a CPU")
     if devices is None:
         return None
     return Mesh(np.asarray(devices).reshape(shape), AXES,

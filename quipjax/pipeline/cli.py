@@ -102,7 +102,8 @@ def define_process_flags(fv=None) -> None:
     `start_processes` acts on them."""
     fv = flags.FLAGS if fv is None else fv
     flags.DEFINE_integer("cpu_devices", 0, "Simulate this many devices on the CPU (testing "
-                         "--mesh without GPUs); 0: the real devices.", flag_values=fv)
+                         "--mesh without GPUs), with 4 XLA threads per device (PJRT_NPROC, "
+                         "unless set); 0: the real devices.", flag_values=fv)
     flags.DEFINE_boolean("distributed", False, "Run as one of several processes (hosts) with "
                          "jax.distributed: every process runs the same command; the cluster "
                          "is read from SLURM / Open MPI / TPU / Kubernetes environments, or "
@@ -128,9 +129,9 @@ def start_processes(fv=None) -> None:
     """Act on `define_process_flags`'s flags: simulated CPU devices, then (--distributed)
     join the other processes. Call before any JAX computation."""
     fv = flags.FLAGS if fv is None else fv
-    import jax
     if fv.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", fv.cpu_devices)
+        from quipjax.distributed.mesh import simulate_cpu_devices
+        simulate_cpu_devices(fv.cpu_devices)
     explicit = [f"--{n}" for n in ("coordinator", "num_processes", "process_id")
                 if fv[n].value is not None]
     if not fv.distributed:
