@@ -18,6 +18,7 @@ from quipjax.distributed.programs import (DEFAULT_HESSIAN_SHARDS, EvalPrograms, 
                                           nll_sum)
 
 __all__ = ["processes", "AXES", "BATCH", "mesh_shape", "parse_mesh", "one_device_mesh", "describe",
-           "num_devices", "simulate_cpu_devices", "CPU_THREADS_PER_DEVICE", "RULES", "spec_for", "Placement", "DEFAULT_HESSIAN_SHARDS",
+           "num_devices", "simulate_cpu_devices", "CPU_THREADS_PER_DEVICE", "RULES", "spec_for",
+           "Placement", "DEFAULT_HESSIAN_SHARDS",
            "block_forward_fn", "HessianEngine", "ShardLift", "EvalPrograms", "nll_sum",
            "collectives", "gather"]
