@@ -33,7 +33,7 @@ def simulate_cpu_devices(n: int, threads_per_device: int = CPU_THREADS_PER_DEVIC
     per device, so a pool of one thread per device can fill with waiting collectives while
     the devices they wait for have no thread left to run on: XLA then aborts the process
     after its rendezvous timeout. Measured on 2 cores (8 devices): the e2e step on
-    data:4,model:2 hung so in 3 of 11 runs with 8 threads, in none of 8 with 32 (BUILD_NOTES,
+    data:4,model:2 hung so in 3 of 16 runs with 8 threads, in none of 15 with 32 (BUILD_NOTES,
     issue 17). The pool size does not change results (bit for bit in the tests)."""
     if n < 1:
         raise ValueError(f"simulate_cpu_devices: n must be >= 1, got {n}")
