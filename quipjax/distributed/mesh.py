@@ -37,8 +37,9 @@ def simulate_cpu_devices(n: int, threads_per_device: int = CPU_THREADS_PER_DEVIC
     issue 17). The pool size does not change results (bit for bit in the tests)."""
     if n < 1:
         raise ValueError(f"simulate_cpu_devices: n must be >= 1, got {n}")
+    jax.config.update("jax_num_cpu_devices", n)    # raises first if JAX has started
+    # read when the CPU backend starts, after this
     os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, threads_per_device * n)))
-    jax.config.update("jax_num_cpu_devices", n)
 
 
 def mesh_shape(spec: Optional[str]) -> dict:
