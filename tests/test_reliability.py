@@ -146,3 +146,61 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_the_run():
     assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
     assert p.stderr.strip().splitlines()[-1] == (
         "interrupted: run the same command again to resume where it stopped")
+
+
+FINALIZER_JOB = """
+import gc, os, signal, sys
+from quipjax.pipeline import cli
+from quipjax.pipeline.run import progress_bar
+
+fired = []
+
+def on_gc(phase, info):                     # as jax's _xla_gc_callback: Ctrl-C lands in here
+    if phase == "start" and not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):               # bytecode boundaries: the handler runs in here
+            pass
+
+def main(argv):
+    bar = progress_bar(3, "steps")
+    gc.callbacks.append(on_gc)
+    gc.collect()
+    gc.callbacks.remove(on_gc)
+    print("collected", flush=True)
+    try:
+        for _ in range(3):
+            bar.update(1)
+        print("ran to the end", flush=True)
+    finally:
+        bar.close()
+
+cli.run(main, resumable=True, argv=[sys.argv[0]])
+"""
+
+
+def test_ctrl_c_inside_a_gc_callback_stops_the_run_without_a_traceback():
+    """Python can only print an interrupt raised in a gc callback ("Exception ignored ...
+    Traceback"): CI saw that from jax's gc callback. The run must still stop at the next
+    progress step, with the resume line and no traceback."""
+    p = subprocess.run([sys.executable, "-c", FINALIZER_JOB], capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+    assert "collected" in p.stdout, (p.stdout, p.stderr[-2000:])
+    assert "ran to the end" not in p.stdout, p.stdout
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        "interrupted: run the same command again to resume where it stopped")
+
+
+def test_other_unraisable_errors_are_still_printed():
+    """The quiet hook drops only the recorded Ctrl-C, nothing else a finalizer raises."""
+    job = ("import gc, sys\nfrom quipjax.pipeline import interrupt\n"
+           "prev = interrupt.install()\n"
+           "class Bad:\n    def __del__(self):\n        raise ValueError('from a finalizer')\n"
+           "Bad()\ninterrupt.restore(prev)\nprint(sys.unraisablehook is sys.__unraisablehook__)\n")
+    p = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "ValueError: from a finalizer" in p.stderr, p.stderr
+    assert p.stdout.strip() == "True", (p.stdout, p.stderr)

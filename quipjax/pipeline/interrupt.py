@@ -5,16 +5,20 @@ When that is a finalizer (`__del__`, a weakref callback, a garbage-collection pa
 that catches BaseException, the interrupt is printed as "Exception ignored" or dropped, and
 the run goes on as if Ctrl-C had never been pressed (seen once in CI in the Hessian stage).
 `install()` keeps Python's behaviour (raise at once) and also records the interrupt;
-`check()` raises it again at the next progress step if it was lost.
+`check()` raises it again at the next progress step if it was lost. While installed, an
+interrupt that Python could only report as "Exception ignored" (it landed in a finalizer or a
+gc callback, such as jax's `_xla_gc_callback`) is not printed: `check()` will raise it, and a
+traceback there would read as a crash.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 __all__ = ["install", "restore", "check"]
 
-_state = {"pending": False}
+_state = {"pending": False, "hook": None}
 
 
 def _on_sigint(signum, frame):
@@ -31,13 +35,26 @@ def install():
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return None
     signal.signal(signal.SIGINT, _on_sigint)
+    if sys.unraisablehook is not _quiet_unraisable:
+        _state["hook"] = sys.unraisablehook
+        sys.unraisablehook = _quiet_unraisable
     return signal.default_int_handler
+
+
+def _quiet_unraisable(unraisable):
+    # Only our own recorded interrupt is dropped; anything else goes to the previous hook.
+    if _state["pending"] and unraisable.exc_type is KeyboardInterrupt:
+        return
+    (_state["hook"] or sys.__unraisablehook__)(unraisable)
 
 
 def restore(previous) -> None:
     """Undo `install()` (given its return value)."""
     if previous is not None and signal.getsignal(signal.SIGINT) is _on_sigint:
         signal.signal(signal.SIGINT, previous)
+    if previous is not None and sys.unraisablehook is _quiet_unraisable:
+        sys.unraisablehook = _state["hook"] or sys.__unraisablehook__
+        _state["hook"] = None
 
 
 def check() -> None:
