@@ -111,19 +111,17 @@ def test_ctrl_c_says_the_same_command_resumes(tiny_hf, tmp_path):
     assert lines[-1] == "interrupted: run the same command again to resume where it stopped"
 
 
-SWALLOWING_JOB = """
-import os, signal, sys, time
+# a job run through the CLI wrapper: {before} runs first (Ctrl-C lands somewhere odd), then
+# three progress steps, the first of which must raise the interrupt again
+INTERRUPTED_JOB = """
+import gc, os, signal, sys, time
 from quipjax.pipeline import cli
 from quipjax.pipeline.run import progress_bar
-
+{setup}
 def main(argv):
     bar = progress_bar(3, "steps")
-    try:                                    # a library that catches BaseException
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.5)
-    except BaseException:
-        pass
-    print("swallowed", flush=True)
+{before}
+    print("past the interrupt", flush=True)
     try:                                    # closed before the Ctrl-C line, as the pipeline does
         for _ in range(3):
             bar.update(1)
@@ -134,25 +132,14 @@ def main(argv):
 cli.run(main, resumable=True, argv=[sys.argv[0]])
 """
 
+SWALLOWING = dict(setup="", before="""
+    try:                                    # a library that catches BaseException
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    except BaseException:
+        pass""")
 
-def test_ctrl_c_swallowed_by_a_library_still_stops_the_run():
-    """A KeyboardInterrupt caught by third-party code (or raised inside a finalizer) must not
-    let the run go on: the next progress step raises it again (exit 130, the resume line)."""
-    p = subprocess.run([sys.executable, "-c", SWALLOWING_JOB], capture_output=True, text=True,
-                       timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                     signal.SIG_DFL))
-    assert "swallowed" in p.stdout, (p.stdout, p.stderr[-2000:])
-    assert "ran to the end" not in p.stdout, p.stdout
-    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
-    assert p.stderr.strip().splitlines()[-1] == (
-        "interrupted: run the same command again to resume where it stopped")
-
-
-FINALIZER_JOB = """
-import gc, os, signal, sys
-from quipjax.pipeline import cli
-from quipjax.pipeline.run import progress_bar
-
+IN_GC_CALLBACK = dict(setup="""
 fired = []
 
 def on_gc(phase, info):                     # as jax's _xla_gc_callback: Ctrl-C lands in here
@@ -161,37 +148,38 @@ def on_gc(phase, info):                     # as jax's _xla_gc_callback: Ctrl-C 
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(1000):               # bytecode boundaries: the handler runs in here
             pass
-
-def main(argv):
-    bar = progress_bar(3, "steps")
+""", before="""
     gc.callbacks.append(on_gc)
     gc.collect()
-    gc.callbacks.remove(on_gc)
-    print("collected", flush=True)
-    try:
-        for _ in range(3):
-            bar.update(1)
-        print("ran to the end", flush=True)
-    finally:
-        bar.close()
+    gc.callbacks.remove(on_gc)""")
 
-cli.run(main, resumable=True, argv=[sys.argv[0]])
-"""
+
+def _run_interrupted(job: dict) -> subprocess.CompletedProcess:
+    """Run INTERRUPTED_JOB with `job`'s parts; check it stopped at the first progress step
+    with exit 130 and the resume line."""
+    p = subprocess.run([sys.executable, "-c", INTERRUPTED_JOB.format(**job)],
+                       capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "past the interrupt" in p.stdout, (p.stdout, p.stderr[-2000:])
+    assert "ran to the end" not in p.stdout, p.stdout
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert p.stderr.strip().splitlines()[-1] == (
+        "interrupted: run the same command again to resume where it stopped")
+    return p
+
+
+def test_ctrl_c_swallowed_by_a_library_still_stops_the_run():
+    """A KeyboardInterrupt caught by third-party code (or raised inside a finalizer) must not
+    let the run go on: the next progress step raises it again (exit 130, the resume line)."""
+    _run_interrupted(SWALLOWING)
 
 
 def test_ctrl_c_inside_a_gc_callback_stops_the_run_without_a_traceback():
     """Python can only print an interrupt raised in a gc callback ("Exception ignored ...
     Traceback"): CI saw that from jax's gc callback. The run must still stop at the next
     progress step, with the resume line and no traceback."""
-    p = subprocess.run([sys.executable, "-c", FINALIZER_JOB], capture_output=True, text=True,
-                       timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                     signal.SIG_DFL))
-    assert "collected" in p.stdout, (p.stdout, p.stderr[-2000:])
-    assert "ran to the end" not in p.stdout, p.stdout
-    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    p = _run_interrupted(IN_GC_CALLBACK)
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
-    assert p.stderr.strip().splitlines()[-1] == (
-        "interrupted: run the same command again to resume where it stopped")
 
 
 def test_other_unraisable_errors_are_still_printed():
