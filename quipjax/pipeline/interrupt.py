@@ -50,9 +50,11 @@ def _quiet_unraisable(unraisable):
 
 def restore(previous) -> None:
     """Undo `install()` (given its return value)."""
-    if previous is not None and signal.getsignal(signal.SIGINT) is _on_sigint:
+    if previous is None:                    # install() changed nothing
+        return
+    if signal.getsignal(signal.SIGINT) is _on_sigint:
         signal.signal(signal.SIGINT, previous)
-    if previous is not None and sys.unraisablehook is _quiet_unraisable:
+    if sys.unraisablehook is _quiet_unraisable:
         sys.unraisablehook = _state["hook"] or sys.__unraisablehook__
         _state["hook"] = None
 
