@@ -130,7 +130,15 @@ def detach_tunable(block, group):
     mods = [get_path(block, p) for p in group.members]
     if not all(isinstance(m, TunableQuantLinear) for m in mods):
         raise ValueError(f"the members of group {group.members} are not attached TunableQuantLinears")
-    sv = jnp.concatenate([m.sv[...] / group.scales[i] for i, m in enumerate(mods)])
+    # sv = SV * scale does not round-trip exactly in float32: an entry still at its attached
+    # value gives back the stored SV entry itself, so an untuned group comes back bit for bit
+    sv, r = [], 0
+    for i, (m, n) in enumerate(zip(mods, group.rows)):
+        SV = jnp.asarray(group.ql.SV[r:r + n], jnp.float32)
+        start = SV * group.scales[i]
+        sv.append(jnp.where(m.sv[...] == start, SV, m.sv[...] / group.scales[i]))
+        r += n
+    sv = jnp.concatenate(sv)
     table = group.ql.table
     if mods[0].source is not None:
         table = np.asarray(mods[0].source.table[...], np.float32)
