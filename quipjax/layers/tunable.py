@@ -101,6 +101,15 @@ class TableSource(nnx.Module):
                                        jnp.ones((m,), jnp.float32), rotations=self.rotations)
 
 
+def _member_sv(group, i: int, r: int, n: int):
+    """(stored SV rows r:r+n as float32, the sv member i trains: those rows times its fuse scale).
+
+    One definition for attach and detach, so the detach comparison sees the attached value.
+    """
+    SV = jnp.asarray(group.ql.SV[r:r + n], jnp.float32)
+    return SV, SV * group.scales[i]
+
+
 def attach_tunable(block, group, compute_dtype=jnp.bfloat16, train_table: bool = False) -> None:
     """Replace the members of `group` (a `QuantizedGroup`) in `block` by TunableQuantLinears.
 
@@ -119,7 +128,7 @@ def attach_tunable(block, group, compute_dtype=jnp.bfloat16, train_table: bool =
     r = 0
     for i, (path, n) in enumerate(zip(group.members, group.rows)):
         old = get_path(block, path)
-        sv = group.ql.SV[r:r + n] * group.scales[i]
+        _, sv = _member_sv(group, i, r, n)
         set_path(block, path, TunableQuantLinear(rows(r, r + n), su, sv,
                                                  getattr(old, "bias", None), compute_dtype))
         r += n
@@ -134,8 +143,7 @@ def detach_tunable(block, group):
     # value gives back the stored SV entry itself, so an untuned group comes back bit for bit
     sv, r = [], 0
     for i, (m, n) in enumerate(zip(mods, group.rows)):
-        SV = jnp.asarray(group.ql.SV[r:r + n], jnp.float32)
-        start = SV * group.scales[i]
+        SV, start = _member_sv(group, i, r, n)
         sv.append(jnp.where(m.sv[...] == start, SV, m.sv[...] / group.scales[i]))
         r += n
     sv = jnp.concatenate(sv)
